@@ -1,0 +1,67 @@
+"""Claim 3: label-free self-tuning recovers the accuracy between-chip variation costs.
+
+The claim-2 sweep (a qavat model on chips whose fixed total sigma is split between within-
+and between-chip components, granularity ``chip`` and ``layer``), evaluated untuned and
+after each self-tuning variant of :mod:`pimjax.selftune` (gain, gain_offset, channel, bn,
+paired), with the calibration cost per chip (unlabeled images, forward passes).
+
+    python experiments/claim3_selftune.py --smoke          # seconds (tests)
+    python experiments/claim3_selftune.py                  # LeNet-5/MNIST, CPU-sized
+    python experiments/claim3_selftune.py --tunes channel,bn --calib-images 128
+
+Writes ``claim3.json``/``claim3.csv`` and ``claim3.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import common
+
+from pimjax import selftune
+
+
+def parse_args(argv=None):
+    """Command-line options."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common.add_between_args(p, "results/claim3")
+    p.add_argument("--tunes", type=lambda s: tuple(s.split(",")),
+                   default=("none", *selftune.METHODS),
+                   help=f"self-tuning variants: none and/or {selftune.METHODS}")
+    args = p.parse_args(argv)
+    bad = [t for t in args.tunes if t != "none" and t not in selftune.METHODS]
+    if bad:
+        p.error(f"--tunes {bad} unknown: use none and/or {selftune.METHODS}")
+    if args.smoke and "--tunes" not in (sys.argv[1:] if argv is None else argv):
+        args.tunes = ("none", "channel", "bn")
+    return common.finish_between_args(p, args)
+
+
+def run(args, progress: bool = True) -> list[dict]:
+    """Train (or reuse) the qavat model, sweep fractions x tune variants; write and return rows."""
+    rows = common.between_sweep(args, args.tunes, progress)
+    common.write_results(args.out, "claim3", rows, {"args": common.args_meta(args)})
+    common.plot_between(args, rows, args.out / "claim3.png",
+                        f"claim 3, {args.setup} {args.quant} qavat: self-tuning, sigma_total "
+                        f"{args.sigma_total}, {args.chips} chips, {args.calib_images} "
+                        "calibration images")
+    return rows
+
+
+def main(argv=None) -> None:
+    """Run claim 3 and print its table."""
+    args = parse_args(argv)
+    start = time.perf_counter()
+    rows = run(args, progress=not args.smoke)
+    print(f"{args.setup} {args.quant} qavat (trained at sigma_within {args.train_sigma}), "
+          f"sigma_total {args.sigma_total}, {args.chips} chips, {args.calib_images} calibration "
+          "images; accuracy in %")
+    print(common.format_between(rows))
+    print(f"wrote {args.out}/claim3.json, claim3.csv, claim3.png "
+          f"({time.perf_counter() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
