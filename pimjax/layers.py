@@ -11,8 +11,10 @@ An analog layer computes ``y = g * MVM(q_a(x), q_w(W) * chip) + o (+ bias)``:
 
 Pass a chip with ``model.apply({**variables, "chip": chip}, x)`` (or
 :func:`with_chip`): the chip is an ordinary argument, so ``jax.vmap`` over chips
-is a plain vmap. With ``analog=False`` a layer is digital: it never reads a chip
-and carries no tuning variables.
+is a plain vmap. A *chip batch* (every factor ``[C, *kernel.shape]``, tune values
+optionally ``[C, features]``) computes all C chips in one pass without vmap: the
+output gains a leading chip axis (see :mod:`pimjax.perchip`). With ``analog=False``
+a layer is digital: it never reads a chip and carries no tuning variables.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pimjax import ops
+from pimjax import ops, perchip
 from pimjax.quant import (
     QuantConfig,
     act_levels,
@@ -114,13 +116,16 @@ class _Analog(nn.Module):
             w = quantize_weights(kernel, q.weight_bits, s)
         if self.analog and self.has_variable(CHIP, "kernel"):
             factor = self.get_variable(CHIP, "kernel")
-            if factor.shape != kernel.shape:
+            if factor.shape == kernel.shape:
+                w = w * factor
+            elif factor.shape[1:] == kernel.shape:  # a chip batch [C, *kernel]: pimjax.perchip
+                w = w[None] * factor
+            else:
                 raise ValueError(
                     f"chip factor for {'/'.join(self.scope.path)} has shape {factor.shape}, "
-                    f"the kernel {kernel.shape}: sample the chip from this model's "
-                    "analog_kernels(variables)"
+                    f"the kernel {kernel.shape} (or [chips, *kernel] for a chip batch): sample "
+                    "the chip from this model's analog_kernels(variables)"
                 )
-            w = w * factor
         return w
 
     def _tune_and_bias(self, y):
@@ -128,7 +133,8 @@ class _Analog(nn.Module):
         if self.analog and (self.is_initializing() or self.has_variable(TUNE, "gain")):
             gain = self.variable(TUNE, "gain", jnp.ones, (self.features,), jnp.float32).value
             offset = self.variable(TUNE, "offset", jnp.zeros, (self.features,), jnp.float32).value
-            y = y * gain + offset
+            # per-chip tuning [C, features] of a chip batch broadcasts over y [C, ..., features]
+            y = y * perchip.broadcast_per_chip(gain, y) + perchip.broadcast_per_chip(offset, y)
         if self.analog:
             self.sow("intermediates", "mvm", y)
         if self.use_bias:
@@ -147,7 +153,8 @@ class AnalogDense(_Analog):
     def __call__(self, x, train: bool = False):
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
         x = self._quantize_input(x, train)
-        y = ops.dense(x, self._effective_kernel(kernel))
+        w = self._effective_kernel(kernel)
+        y = perchip.dense(x, w) if w.ndim == kernel.ndim + 1 else ops.dense(x, w)
         return self._tune_and_bias(y)
 
 
@@ -160,12 +167,18 @@ class AnalogConv(_Analog):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        if x.ndim != 4:
+        if x.ndim < 4:
             raise ValueError(f"AnalogConv input must be NHWC (4-D), got shape {x.shape}")
         shape = (*self.kernel_size, x.shape[-1], self.features)
         kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
         x = self._quantize_input(x, train)
-        y = ops.conv2d(x, self._effective_kernel(kernel), tuple(self.strides), self.padding)
+        w = self._effective_kernel(kernel)
+        strides = tuple(self.strides)
+        if w.ndim == kernel.ndim + 1:  # a chip batch: x [B, H, W, I] shared or [C, B, H, W, I]
+            y = perchip.conv2d(x, w, strides, self.padding)
+        else:  # leading dims beyond the batch (e.g. [C, B, ...] with shared weights) fold in
+            y = ops.conv2d(x.reshape((-1, *x.shape[-3:])), w, strides, self.padding)
+            y = y.reshape((*x.shape[:-3], *y.shape[-3:]))
         return self._tune_and_bias(y)
 
 

@@ -1,0 +1,603 @@
+"""Monte-Carlo evaluation of many simulated chips: per-chip accuracy and loss, chunked and sharded.
+
+:func:`evaluate_chips` draws ``N`` chips (chip ``i`` from ``fold_in(key, i)``, see
+:func:`pimjax.variability.chip_keys`), optionally self-tunes each one
+(:class:`pimjax.selftune.SelfTune`), and evaluates all of them on a dataset. Chips are
+processed in chunks of ``chips x images`` sized to a memory budget (overridable); each chip
+chunk is sharded over the local devices on a ``"chips"`` mesh axis and computed as a *chip
+batch* (:mod:`pimjax.perchip`): one forward pass for all chips of a device, not a vmap of
+grouped convs.
+
+Determinism: chip ``i``'s factors depend only on its key and every chip is computed by the
+same per-chip operations whatever the chunk, so its logits are bit-identical for any chips
+per chunk and any device count. Image chunks are at least ``MIN_IMAGES_PER_CHUNK`` images
+(padded and masked), because XLA's CPU GEMM rounds differently for fewer rows; above that
+the logits are bit-identical too (tested). Correct counts are exact; per-chip losses are
+float32 sums per chunk added in float64, so they agree to float tolerance (~1e-7 relative).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from pimjax import data as pdata
+from pimjax import selftune
+from pimjax.layers import analog_kernels, with_chip
+from pimjax.variability import VariabilityModel, chip_keys, sample_chip
+
+AXIS = "chips"
+CPU_BUDGET_BYTES = 1 << 30  # default per-device budget on CPU
+ACCEL_BUDGET_FRACTION = 0.5  # default on GPU/TPU: this share of the device memory
+MAX_IMAGES_PER_CHUNK = 1000  # images per chunk when the budget leaves the choice open
+# XLA's CPU backend runs GEMMs of fewer rows with other kernels (other rounding): chunks of
+# at least this many images (padded if need be) keep every image's result bit-identical.
+MIN_IMAGES_PER_CHUNK = 64
+_ACTIVATION_COPIES = 4  # live copies of the largest activation per chip-image (measured)
+
+
+# ------------------------------------------------------------------------------ validation
+
+
+def check_variables(model, variables) -> None:
+    """Raise ValueError unless ``variables`` have exactly the structure ``model.init`` makes."""
+    if not isinstance(variables, dict) or "params" not in variables:
+        raise ValueError("variables must be a dict with a 'params' collection (from model.init)")
+    shape = getattr(model, "input_shape", None)
+    if shape is None:
+        raise ValueError(f"{type(model).__name__} has no input_shape: use a pimjax.models model")
+    x = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
+    expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+    for col in ("params", "batch_stats", "tune"):
+        want = expected.get(col, {})
+        have = variables.get(col, {})
+        flat_w = {jax.tree_util.keystr(p): v.shape
+                  for p, v in jax.tree_util.tree_flatten_with_path(want)[0]}
+        flat_h = {jax.tree_util.keystr(p): np.shape(v)
+                  for p, v in jax.tree_util.tree_flatten_with_path(have)[0]}
+        missing = sorted(set(flat_w) - set(flat_h))
+        extra = sorted(set(flat_h) - set(flat_w))
+        wrong = sorted(k for k in set(flat_w) & set(flat_h) if tuple(flat_w[k]) != flat_h[k])
+        if missing or extra or wrong:
+            detail = "; ".join(
+                s for s in (
+                    f"missing {missing[:3]}" if missing else "",
+                    f"unexpected {extra[:3]}" if extra else "",
+                    f"shape of {wrong[0]} is {flat_h[wrong[0]]}, the model needs "
+                    f"{tuple(flat_w[wrong[0]])}" if wrong else "",
+                ) if s)
+            raise ValueError(
+                f"variables do not match the model ({type(model).__name__}): in '{col}': "
+                f"{detail}. Was the checkpoint saved from another model/width/quant config?")
+
+
+def check_num_chips(num_chips) -> int:
+    """``num_chips`` as an int, or ValueError unless it is a positive integer."""
+    if isinstance(num_chips, bool) or not isinstance(num_chips, (int, np.integer)) \
+            or num_chips <= 0:
+        raise ValueError(f"num_chips={num_chips!r} must be a positive integer")
+    return int(num_chips)
+
+
+def dataset_arrays(model, dataset):
+    """Normalized float images and int labels from a :class:`pimjax.data.Dataset` or a pair.
+
+    A pair ``(images, labels)`` must already be float (normalized).
+    """
+    if isinstance(dataset, pdata.Dataset):
+        if len(dataset) == 0:
+            raise ValueError("the dataset is empty: pass at least one image")
+        images = pdata.normalize(dataset.images, dataset.name)
+        labels = np.asarray(dataset.labels)
+    else:
+        try:
+            images, labels = dataset
+        except (TypeError, ValueError):
+            raise ValueError("dataset must be a pimjax.data.Dataset or a pair (images, labels)") \
+                from None
+        images, labels = jnp.asarray(images), np.asarray(labels)
+    if images.shape[0] == 0:
+        raise ValueError("the dataset is empty: pass at least one image")
+    selftune.check_images(model, images, "dataset images")
+    if labels.shape != (images.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be integers [{images.shape[0]}], got {labels.dtype} "
+                         f"{labels.shape}")
+    num_classes = getattr(model, "num_classes", None)
+    if num_classes is not None and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels must be in [0, {num_classes}) for this model, got "
+                         f"[{labels.min()}, {labels.max()}]")
+    return images.astype(jnp.float32), labels.astype(np.int32)
+
+
+# -------------------------------------------------------------------------------- chunking
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkPlan:
+    """How a sweep is split: chips and images per chunk, and the memory estimate behind it."""
+
+    chips: int  # per chunk, all devices together (a multiple of the device count)
+    images: int  # per chunk
+    num_chip_chunks: int
+    num_image_chunks: int
+    num_devices: int
+    mode: str  # how a chip batch is computed (see chip_logits)
+    bytes_per_chip_image: int
+    bytes_per_chip: int
+    bytes_per_image: int  # chip-independent working set per image ("map": one chip's)
+    budget_bytes: int  # per device
+
+    @property
+    def estimated_bytes(self) -> int:
+        """Estimated peak bytes per device of one chunk."""
+        per_dev = self.chips // self.num_devices
+        return (per_dev * (self.bytes_per_chip + self.images * self.bytes_per_chip_image)
+                + self.images * self.bytes_per_image)
+
+
+def default_budget(device=None) -> int:
+    """Default per-device memory budget: 1 GiB on CPU, half the memory of an accelerator."""
+    device = device or jax.local_devices()[0]
+    if device.platform != "cpu":
+        stats = device.memory_stats() or {}
+        if "bytes_limit" in stats:
+            return int(stats["bytes_limit"] * ACCEL_BUDGET_FRACTION)
+    return CPU_BUDGET_BYTES
+
+
+@functools.lru_cache(maxsize=32)
+def memory_per_chip(model, mode: str | None = None) -> tuple[int, int, int]:
+    """Estimated bytes ``(per chip-image, per chip, per image)`` of a chip-batch forward.
+
+    ``layers`` keeps a few live copies of the largest activation per chip-image; ``map``
+    keeps the first analog layer's output (and its chip-major copy) per chip-image and one
+    chip's working set per image. Per chip: the weight factors and effective weights.
+    """
+    mode = mode or selftune.chip_mode(model)
+    x = jax.ShapeDtypeStruct((1, *model.input_shape), jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+
+    def run(v, x):
+        _, state = model.apply(v, x, capture_intermediates=True, mutable=["intermediates"])
+        return state
+
+    state = jax.eval_shape(run, variables, x)
+    largest = max(math.prod(a.shape) for a in jax.tree_util.tree_leaves(state))
+    working = 4 * (_ACTIVATION_COPIES * largest + math.prod(model.input_shape))
+    weights = sum(math.prod(a.shape) for a in jax.tree_util.tree_leaves(analog_kernels(variables)))
+    per_chip = 3 * 4 * weights
+    if mode == "map":
+        first = selftune.analog_layers(model)[0].out_size
+        return int(2 * 4 * first), int(per_chip), int(working)
+    return int(working), int(per_chip), 0
+
+
+@functools.lru_cache(maxsize=32)
+def forward_flops(model) -> int:
+    """FLOPs of one image's forward pass through the conv/dense layers (2 per multiply-add)."""
+    x = jax.ShapeDtypeStruct((1, *model.input_shape), jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+
+    def run(v, x):
+        _, state = model.apply(v, x, capture_intermediates=True, mutable=["intermediates"])
+        return state["intermediates"]
+
+    inter = jax.eval_shape(run, variables, x)
+    total = 0
+    for path, kernel in jax.tree_util.tree_flatten_with_path(variables["params"])[0]:
+        if getattr(path[-1], "key", None) != "kernel":
+            continue
+        node = inter
+        for p in path[:-1]:
+            node = node[p.key]
+        out = node["__call__"][0]
+        total += 2 * math.prod(out.shape[1:]) * math.prod(kernel.shape[:-1])
+    return int(total)
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _balanced(total: int, most: int, multiple: int = 1) -> tuple[int, int]:
+    """Split ``total`` into equal chunks of at most ``most`` (rounded to ``multiple``)."""
+    most = max(multiple, most // multiple * multiple)
+    chunks = -(-total // most)
+    size = _round_up(-(-total // chunks), multiple)
+    return size, -(-total // size)
+
+
+def plan_chunks(model, num_chips: int, num_images: int, *, num_devices: int = 1,
+                budget_bytes: int | None = None, chips_per_chunk: int | None = None,
+                images_per_chunk: int | None = None, calib_images: int = 0,
+                mode: str | None = None) -> ChunkPlan:
+    """Choose chips x images per chunk so one chunk fits ``budget_bytes`` per device.
+
+    ``calib_images`` (self-tuning's calibration batch) must fit beside the chips too.
+    Explicit ``chips_per_chunk``/``images_per_chunk`` override the choice (chips are rounded
+    up to a multiple of the device count).
+    """
+    num_chips = check_num_chips(num_chips)
+    if num_images <= 0:
+        raise ValueError("the dataset is empty: pass at least one image")
+    for name, value in (("chips_per_chunk", chips_per_chunk),
+                        ("images_per_chunk", images_per_chunk), ("budget_bytes", budget_bytes)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value <= 0):
+            raise ValueError(f"{name}={value!r} must be a positive integer or None")
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"mode={mode!r} is unknown: use one of {MODES}")
+    mode = mode or selftune.chip_mode(model)
+    budget = budget_bytes or default_budget()
+    per_ci, per_c, per_i = memory_per_chip(model, mode)
+    if images_per_chunk is None:
+        fit = (budget - per_c) // (per_ci + per_i)  # images that fit beside one chip per device
+        images_per_chunk = int(max(1, min(num_images, MAX_IMAGES_PER_CHUNK, fit)))
+    images, n_img = _balanced(num_images, min(images_per_chunk, num_images))
+    if images < MIN_IMAGES_PER_CHUNK:  # padded with masked images if need be
+        images = MIN_IMAGES_PER_CHUNK
+        n_img = -(-num_images // images)
+    if chips_per_chunk is None:
+        most = max(images, calib_images)
+        per_chip = per_c + most * per_ci
+        chips_per_chunk = max(1, (budget - most * per_i) // per_chip) * num_devices
+    chips, n_chip = _balanced(num_chips, min(chips_per_chunk, _round_up(num_chips, num_devices)),
+                              num_devices)
+    return ChunkPlan(chips, images, n_chip, n_img, num_devices, mode, per_ci, per_c, per_i, budget)
+
+
+# --------------------------------------------------------------------------- compiled steps
+
+
+MODES = ("layers", "map")
+
+
+def _chip_vars(variables, factors, tune):
+    v = with_chip(variables, factors)
+    return v if tune is None else selftune.with_tune(v, tune)
+
+
+def chip_logits(model, variables, factors, x, tune=None, mode: str | None = None):
+    """Logits ``[C, B, classes]`` of a chip batch (factors ``[C, *kernel]``) on ``x [B, ...]``.
+
+    ``mode="layers"``: every layer carries the chip axis (:mod:`pimjax.perchip`).
+    ``mode="map"``: the first analog layer runs for all chips at once (its input is shared),
+    the rest of the network one chip after another in a ``lax.map``. Default:
+    :func:`pimjax.selftune.chip_mode`. Both give bit-identical logits.
+    """
+    mode = mode or selftune.chip_mode(model)
+    if mode == "layers":
+        return model.apply(_chip_vars(variables, factors, tune), x)
+    if mode != "map":
+        raise ValueError(f"mode={mode!r} is unknown: use one of {MODES}")
+    first = selftune.analog_layers(model)[0].path
+    captured = {}
+
+    def grab(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name == "__call__" and tuple(context.module.scope.path) == first:
+            captured["y"] = out
+            raise selftune._StopForward
+        return out
+
+    try:
+        with nn.intercept_methods(grab):
+            model.apply(_chip_vars(variables, factors, tune), x)
+    except selftune._StopForward:
+        pass
+
+    def one(args):
+        f, t, y = args
+
+        def inject(next_fun, a, kw, context):
+            if context.method_name == "__call__" and tuple(context.module.scope.path) == first:
+                return y
+            return next_fun(*a, **kw)
+
+        with nn.intercept_methods(inject):
+            return model.apply(_chip_vars(variables, f, t), x)
+
+    return jax.lax.map(one, (factors, tune, captured["y"]))
+
+
+def _metrics(logits, labels, mask):
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, labels[None, :, None], axis=-1)[..., 0]
+    correct = (jnp.argmax(logits, axis=-1) == labels) & (mask > 0)
+    return jnp.sum(correct, axis=-1, dtype=jnp.int32), jnp.sum(nll * mask, axis=-1)
+
+
+def _shard(fn, mesh, in_specs, out_specs):
+    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                                 check_vma=False))
+
+
+@functools.lru_cache(maxsize=64)
+def _sample_step(mesh: Mesh, variability: VariabilityModel):
+    """Jitted, chip-sharded sampling of chips from their keys."""
+    def sample(keys, template):
+        return jax.vmap(lambda k: sample_chip(k, variability, template))(keys)
+
+    return _shard(sample, mesh, (P(AXIS), P()), P(AXIS))
+
+
+@functools.lru_cache(maxsize=32)
+def _tune_step(model, mesh: Mesh, method: str, batch_size, mode: str):
+    """Jitted, chip-sharded self-tuning of a chip batch."""
+    def tune(variables, factors, images, stats):
+        return selftune.solve_chips(model, method, batch_size, variables, factors, images,
+                                    stats, mode)
+
+    return _shard(tune, mesh, (P(), P(AXIS), P(), P()), P(AXIS))
+
+
+@functools.lru_cache(maxsize=32)
+def _metrics_step(model, mesh: Mesh, mode: str):
+    """Jitted, chip-sharded per-chip correct counts and loss sums on one image chunk."""
+    def metrics(variables, factors, tune, xs, ys, ms, j):
+        x, y, m = (jax.lax.dynamic_index_in_dim(a, j, keepdims=False) for a in (xs, ys, ms))
+        return _metrics(chip_logits(model, variables, factors, x, tune, mode), y, m)
+
+    chips, rep = P(AXIS), P()
+    return _shard(metrics, mesh, (rep, chips, chips, rep, rep, rep, rep), (chips, chips))
+
+
+def _compiled(model, mesh: Mesh, variability: VariabilityModel, tune_method, tune_batch, mode):
+    """The (sample, tune, metrics) steps; each is cached on what it depends on."""
+    tune_fn = None if tune_method is None else _tune_step(model, mesh, tune_method, tune_batch,
+                                                          mode)
+    return _sample_step(mesh, variability), tune_fn, _metrics_step(model, mesh, mode)
+
+
+@functools.lru_cache(maxsize=32)
+def _nominal_fn(model):
+    @jax.jit
+    def fn(variables, x, y, m):
+        c, loss = _metrics(model.apply(variables, x)[None], y, m)
+        return c[0], loss[0]
+
+    return fn
+
+
+def make_mesh(devices=None) -> Mesh:
+    """A 1-D mesh with axis ``"chips"`` over ``devices`` (default: all local devices)."""
+    devices = list(devices) if devices is not None else jax.local_devices()
+    if not devices:
+        raise ValueError("devices is empty: pass at least one device")
+    return Mesh(np.array(devices), (AXIS,))
+
+
+# ---------------------------------------------------------------------------------- results
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ChipResults:
+    """Per-chip accuracy and mean cross-entropy ``[N]`` of one sweep, with its settings."""
+
+    accuracy: np.ndarray
+    loss: np.ndarray
+    num_images: int
+    nominal_accuracy: float | None
+    nominal_loss: float | None
+    variability: VariabilityModel
+    plan: ChunkPlan
+    tune_cost: selftune.TuneCost | None
+    seconds: float
+
+    @property
+    def chip_images_per_second(self) -> float:
+        """Throughput of the sweep (chip-images evaluated per second, compile included)."""
+        return len(self.accuracy) * self.num_images / max(self.seconds, 1e-9)
+
+    def summary(self, thresholds=(), drops=(0.01, 0.05)) -> dict:
+        """See :func:`summarize`."""
+        return summarize(self.accuracy, self.nominal_accuracy, thresholds, drops,
+                         loss=self.loss, nominal_loss=self.nominal_loss)
+
+
+def summarize(accuracy, nominal_accuracy=None, thresholds=(), drops=(0.01, 0.05), loss=None,
+              nominal_loss=None) -> dict:
+    """Mean, std, min, 5/50/95th percentiles and yields of per-chip accuracies.
+
+    ``thresholds``: yield = share of chips with accuracy >= t. ``drops``: yield within ``d``
+    of the nominal accuracy. With the nominal accuracy, ``drop_mean``/``drop_p5`` are the
+    accuracy lost against it.
+    """
+    acc = np.asarray(accuracy, np.float64)
+    if acc.size == 0:
+        raise ValueError("accuracy is empty: no chips to summarize")
+    out = {
+        "chips": int(acc.size),
+        "mean": float(acc.mean()),
+        "std": float(acc.std(ddof=1)) if acc.size > 1 else 0.0,
+        "min": float(acc.min()),
+        "p5": float(np.percentile(acc, 5)),
+        "p50": float(np.percentile(acc, 50)),
+        "p95": float(np.percentile(acc, 95)),
+    }
+    for t in thresholds:
+        out[f"yield@{t:g}"] = float(np.mean(acc >= t))
+    if loss is not None:
+        out["mean_loss"] = float(np.mean(loss))
+    if nominal_accuracy is not None:
+        out["nominal"] = float(nominal_accuracy)
+        out["drop_mean"] = float(nominal_accuracy - out["mean"])
+        out["drop_p5"] = float(nominal_accuracy - out["p5"])
+        for d in drops:
+            out[f"yield@nominal-{d:g}"] = float(np.mean(acc >= nominal_accuracy - d - 1e-12))
+    if nominal_loss is not None:
+        out["nominal_loss"] = float(nominal_loss)
+    return out
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+
+def _prepare_images(images, labels, per_chunk):
+    n = images.shape[0]
+    nb = -(-n // per_chunk)
+    pad = nb * per_chunk - n
+    xs = np.concatenate([np.asarray(images), np.zeros((pad, *images.shape[1:]), np.float32)])
+    ys = np.concatenate([labels, np.zeros(pad, np.int32)])
+    ms = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+    return (xs.reshape(nb, per_chunk, *images.shape[1:]), ys.reshape(nb, per_chunk),
+            ms.reshape(nb, per_chunk))
+
+
+def _progress(total, desc, enabled):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="chunk", leave=False)
+
+
+def evaluate_chips(model, variables, variability: VariabilityModel, key, num_chips: int,
+                   dataset, *, tuning: selftune.SelfTune | None = None,
+                   budget_bytes: int | None = None, chips_per_chunk: int | None = None,
+                   images_per_chunk: int | None = None, devices=None, nominal: bool = True,
+                   mode: str | None = None, progress: bool = True) -> ChipResults:
+    """Per-chip accuracy and loss ``[N]`` of ``num_chips`` chips drawn from ``variability``.
+
+    ``dataset``: a :class:`pimjax.data.Dataset` or a pair (normalized float images, labels).
+    ``tuning``: self-tune each chip on unlabeled calibration images first. The sweep is
+    chunked to ``budget_bytes`` per device (or the given chunk sizes) and sharded over
+    ``devices`` (default: all local devices). ``nominal`` also evaluates the nominal chip.
+    ``mode``: how a chip batch is computed (see :func:`chip_logits`).
+    """
+    num_chips = check_num_chips(num_chips)
+    if not isinstance(variability, VariabilityModel):
+        raise ValueError(f"variability must be a VariabilityModel, got {type(variability)}")
+    check_variables(model, variables)
+    images, labels = dataset_arrays(model, dataset)
+    tune_method = tune_batch = calib = stats = None
+    if tuning is not None:
+        tuning.check(model)
+        tune_method, tune_batch = tuning.method, tuning._batch()
+        calib = jnp.asarray(tuning.images, jnp.float32)
+        stats = tuning.stats if tune_method in selftune.NEEDS_STATS else None
+    selftune._check_calibrated(variables, "evaluate_chips")
+    mesh = make_mesh(devices)
+    ndev = mesh.devices.size
+    calib_batch = 0 if calib is None else (tune_batch or calib.shape[0])
+    plan = plan_chunks(model, num_chips, images.shape[0], num_devices=ndev,
+                       budget_bytes=budget_bytes, chips_per_chunk=chips_per_chunk,
+                       images_per_chunk=images_per_chunk, calib_images=calib_batch, mode=mode)
+    start = time.perf_counter()
+    rep = NamedSharding(mesh, P())
+    chip_sharding = NamedSharding(mesh, P(AXIS))
+    xs, ys, ms = _prepare_images(images, labels, plan.images)
+    template = analog_kernels(variables)
+    var_r, tmpl_r, xs_r, ys_r, ms_r = jax.device_put((variables, template, xs, ys, ms), rep)
+    if calib is not None:
+        calib, stats = jax.device_put((calib, stats), rep)
+    sample_fn, tune_fn, metrics_fn = _compiled(model, mesh, variability, tune_method, tune_batch,
+                                               plan.mode)
+    per_chunk_steps = plan.num_image_chunks + (tune_fn is not None)
+    bar = _progress(plan.num_chip_chunks * per_chunk_steps, "chips", progress)
+    correct = np.zeros(plan.num_chip_chunks * plan.chips, np.int64)
+    loss = np.zeros(plan.num_chip_chunks * plan.chips, np.float64)
+    for c in range(plan.num_chip_chunks):
+        keys = jax.device_put(chip_keys(key, plan.chips, start=c * plan.chips), chip_sharding)
+        factors = sample_fn(keys, tmpl_r)
+        tune = None
+        if tune_fn is not None:
+            tune = tune_fn(var_r, factors, calib, stats)
+            if bar is not None:
+                bar.update(1)
+        parts = []
+        for j in range(plan.num_image_chunks):
+            parts.append(metrics_fn(var_r, factors, tune, xs_r, ys_r, ms_r, np.int32(j)))
+            if bar is not None:
+                bar.update(1)
+        sl = slice(c * plan.chips, (c + 1) * plan.chips)
+        for cc, ll in parts:
+            correct[sl] += np.asarray(cc)
+            loss[sl] += np.asarray(ll, np.float64)
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - start
+    n = images.shape[0]
+    nominal_acc = nominal_loss = None
+    if nominal:
+        fn = _nominal_fn(model)
+        tot_c, tot_l = 0, 0.0
+        for j in range(plan.num_image_chunks):
+            cc, ll = fn(variables, xs[j], ys[j], ms[j])
+            tot_c += int(cc)
+            tot_l += float(ll)
+        nominal_acc, nominal_loss = tot_c / n, tot_l / n
+    cost = tuning.cost(model) if tuning is not None else None
+    return ChipResults(correct[:num_chips] / n, loss[:num_chips] / n, n, nominal_acc,
+                       nominal_loss, variability, plan, cost, seconds)
+
+
+def tune_chips(model, variables, variability: VariabilityModel, key, num_chips: int,
+               tuning: selftune.SelfTune, *, budget_bytes: int | None = None,
+               chips_per_chunk: int | None = None, devices=None, mode: str | None = None,
+               progress: bool = False) -> selftune.TuneResult:
+    """Self-tune chips ``0..N-1`` of ``key``: the stacked ``"tune"`` collection ``[N, F]`` and cost.
+
+    The same chips as :func:`evaluate_chips` with the same key; chunked and sharded alike.
+    """
+    num_chips = check_num_chips(num_chips)
+    check_variables(model, variables)
+    tuning.check(model)
+    tune_method, tune_batch = tuning.method, tuning._batch()
+    calib = jnp.asarray(tuning.images, jnp.float32)
+    stats = tuning.stats if tune_method in selftune.NEEDS_STATS else None
+    mesh = make_mesh(devices)
+    ndev = mesh.devices.size
+    calib_batch = tune_batch or calib.shape[0]
+    plan = plan_chunks(model, num_chips, calib_batch, num_devices=ndev, budget_bytes=budget_bytes,
+                       chips_per_chunk=chips_per_chunk, calib_images=calib_batch, mode=mode)
+    rep, chip_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
+    template = analog_kernels(variables)
+    var_r, tmpl_r, calib, stats = jax.device_put((variables, template, calib, stats), rep)
+    sample_fn, tune_fn, _ = _compiled(model, mesh, variability, tune_method, tune_batch,
+                                      plan.mode)
+    bar = _progress(plan.num_chip_chunks, "tune", progress)
+    outs = []
+    for c in range(plan.num_chip_chunks):
+        keys = jax.device_put(chip_keys(key, plan.chips, start=c * plan.chips), chip_sharding)
+        outs.append(tune_fn(var_r, sample_fn(keys, tmpl_r), calib, stats))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    tune = jax.tree_util.tree_map(lambda *a: np.concatenate([np.asarray(x) for x in a])[:num_chips],
+                                  *outs)
+    return selftune.TuneResult(tune, tuning.cost(model))
+
+
+def evaluate_loop(model, variables, variability: VariabilityModel, key, num_chips: int, dataset,
+                  *, batch_size: int = 1000) -> np.ndarray:
+    """Reference: per-chip accuracy by a Python loop of single-chip jitted forwards (slow)."""
+    num_chips = check_num_chips(num_chips)
+    images, labels = dataset_arrays(model, dataset)
+    template = analog_kernels(variables)
+
+    @jax.jit
+    def correct(variables, k, x, y):
+        chip = sample_chip(k, variability, template)
+        logits = model.apply(with_chip(variables, chip), x)
+        return jnp.sum(jnp.argmax(logits, -1) == y)
+
+    keys = chip_keys(key, num_chips)
+    out = np.zeros(num_chips)
+    for i in range(num_chips):
+        total = 0
+        for s in range(0, images.shape[0], batch_size):
+            sl = slice(s, s + batch_size)
+            total += int(correct(variables, keys[i], images[sl], labels[sl]))
+        out[i] = total / images.shape[0]
+    return out
