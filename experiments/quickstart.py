@@ -6,7 +6,7 @@ within- and between-chip variation, evaluates every chip, self-tunes every chip
 (label-free, per-channel gain and offset) and evaluates again. Prints a table, writes
 ``results.json``, ``results.csv`` and ``quickstart.png`` into ``--out``.
 
-    python experiments/quickstart.py                      # defaults: a few minutes on 2 CPU cores
+    python experiments/quickstart.py                      # defaults: under 5 minutes on 2 CPU cores
     python experiments/quickstart.py --epochs 10 --train-images 60000 --test-images 10000
 """
 
@@ -35,7 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--quant", default="W2A4")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--train-images", type=int, default=20000, help="training images used")
-    p.add_argument("--test-images", type=int, default=1000, help="test images per chip")
+    p.add_argument("--test-images", type=int, default=200, help="test images per chip")
     p.add_argument("--chips", type=int, default=1000)
     p.add_argument("--train-sigma", type=float, default=0.3, help="qavat's sigma_within")
     p.add_argument("--sigma-within", type=float, default=0.2, help="evaluation sigma_within")
