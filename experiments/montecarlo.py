@@ -82,13 +82,13 @@ def parse_args(argv=None):
     return args
 
 
-def settings(args) -> list[VariabilityModel]:
-    """The variability models to sweep, in order."""
+def settings(args) -> list[tuple[str, VariabilityModel]]:
+    """The variability models to sweep, in order, each with its plot group."""
     kw = dict(between_granularity=args.granularity, distribution=args.distribution)
     if args.total is not None:
-        return [VariabilityModel.from_total(t, f, **kw)
+        return [(f"between fraction {f:g}", VariabilityModel.from_total(t, f, **kw))
                 for f, t in itertools.product(args.between_fraction, args.total)]
-    return [VariabilityModel(w, b, **kw)
+    return [(f"sigma_between {b:g}", VariabilityModel(w, b, **kw))
             for b, w in itertools.product(args.sigma_between, args.sigma_within)]
 
 
@@ -162,17 +162,21 @@ def plot(out: Path, rows: list[dict], chips: dict, variants: list[str]) -> None:
     fig.savefig(out / "distributions.png", dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, v in enumerate(variants):
-        pts = sorted((r["sigma_total"], r["mean"], r["p5"]) for r in rows if r["tune"] == v)
-        s = [p[0] for p in pts]
-        color = f"C{i}"
-        ax.plot(s, [100 * p[1] for p in pts], "-o", color=color, ms=3, label=f"{v} mean")
-        ax.plot(s, [100 * p[2] for p in pts], "--", color=color, alpha=0.7, label=f"{v} p5")
-    ax.set_xlabel("total sigma")
-    ax.set_ylabel("accuracy (%)")
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(alpha=0.3)
+    groups = list(dict.fromkeys(r["group"] for r in rows))
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+    for ax, group in zip(axes.flat, groups, strict=True):
+        for i, v in enumerate(variants):
+            pts = sorted((r["sigma_total"], r["mean"], r["p5"]) for r in rows
+                         if r["tune"] == v and r["group"] == group)
+            s = [p[0] for p in pts]
+            ax.plot(s, [100 * p[1] for p in pts], "-o", color=f"C{i}", ms=3, label=f"{v} mean")
+            ax.plot(s, [100 * p[2] for p in pts], "--", color=f"C{i}", alpha=0.7,
+                    label=f"{v} p5")
+        ax.set_title(group, fontsize=10)
+        ax.set_xlabel("total sigma")
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_sigma.png", dpi=120)
     plt.close(fig)
@@ -190,7 +194,7 @@ def main(argv=None):
     print(f"{config.model} {config.quant} ({config.method}) on {test.tag}: {len(test)} test "
           f"images, {args.chips} chips, {len(jax.local_devices())} device(s)")
     rows, per_chip, chip_acc = [], [], {}
-    for vm in settings(args):
+    for group, vm in settings(args):
         for variant in args.tune:
             tuning = None if variant == "none" else selftune.SelfTune(
                 variant, calib, stats, args.calib_batch)
@@ -200,7 +204,8 @@ def main(argv=None):
             s = r.summary(thresholds=args.thresholds)
             cost = r.tune_cost
             row = dict(sigma_within=vm.sigma_within, sigma_between=vm.sigma_between,
-                       sigma_total=sigma_total(vm), granularity=vm.between_granularity,
+                       sigma_total=sigma_total(vm), group=group,
+                       granularity=vm.between_granularity,
                        distribution=vm.distribution, tune=variant, images=r.num_images, **s,
                        calib_images=cost.images if cost else 0,
                        passes=cost.passes if cost else 0,
@@ -229,13 +234,14 @@ def print_table(rows: list[dict]) -> None:
     """The summary as an aligned text table (accuracies in %)."""
     head = ("within", "between", "tune", "mean", "std", "min", "p5", "p50", "p95", "drop",
             "calib", "passes")
-    print("\n" + " ".join(f"{h:>8s}" for h in head))
+    widths = (7, 7, 11, 6, 6, 6, 6, 6, 6, 6, 5, 6)
+    print("\n" + " ".join(f"{h:>{w}s}" for h, w in zip(head, widths, strict=True)))
     for r in rows:
         vals = (f"{r['sigma_within']:.3f}", f"{r['sigma_between']:.3f}", r["tune"],
                 *(f"{100 * r[k]:.2f}" for k in ("mean", "std", "min", "p5", "p50", "p95",
                                                   "drop_mean")),
                 str(r["calib_images"]), str(r["passes"]))
-        print(" ".join(f"{v:>8s}" for v in vals))
+        print(" ".join(f"{v:>{w}s}" for v, w in zip(vals, widths, strict=True)))
 
 
 if __name__ == "__main__":

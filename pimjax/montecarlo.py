@@ -36,6 +36,7 @@ from pimjax.layers import analog_kernels, with_chip
 from pimjax.variability import VariabilityModel, chip_keys, sample_chip
 
 AXIS = "chips"
+MODES = selftune.CHIP_MODES  # how a chip batch is computed, see chip_logits
 CPU_BUDGET_BYTES = 1 << 30  # default per-device budget on CPU
 ACCEL_BUDGET_FRACTION = 0.5  # default on GPU/TPU: this share of the device memory
 MAX_IMAGES_PER_CHUNK = 1000  # images per chunk when the budget leaves the choice open
@@ -256,9 +257,6 @@ def plan_chunks(model, num_chips: int, num_images: int, *, num_devices: int = 1,
 
 
 # --------------------------------------------------------------------------- compiled steps
-
-
-MODES = ("layers", "map")
 
 
 def _chip_vars(variables, factors, tune):

@@ -44,9 +44,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from pimjax import perchip
-from pimjax.layers import CHIP, TUNE, analog_kernels, with_chip
+from pimjax.layers import TUNE, analog_kernels, with_chip
 
 METHODS = ("gain", "gain_offset", "channel", "bn", "paired")
+CHIP_MODES = ("layers", "map")
 NEEDS_STATS = ("gain", "gain_offset", "channel")
 _TINY = 1e-12  # variances below this are treated as a dead channel: left untuned
 _ANALOG_METHOD = "_tune_and_bias"  # the analog layers' method that applies g/o to the MVM
@@ -572,6 +573,8 @@ def self_tune(model, variables, chip, images, method: str = "channel",
     if leaves[0].ndim not in (tleaves[0].ndim, tleaves[0].ndim + 1):
         raise ValueError(f"chip factors have shape {leaves[0].shape}, the kernel "
                          f"{tleaves[0].shape}: pass one chip or a chip batch [C, *kernel]")
+    if mode is not None and mode not in CHIP_MODES:
+        raise ValueError(f"mode={mode!r} is unknown: use one of {CHIP_MODES}")
     stats_arg = stats if method in NEEDS_STATS else None
     if isinstance(batch_size, int) and batch_size >= images.shape[0]:
         batch_size = None
@@ -601,11 +604,3 @@ class SelfTune:
     def _batch(self):
         n = int(self.images.shape[0])
         return None if self.batch_size is None or self.batch_size >= n else int(self.batch_size)
-
-
-# keep CHIP importable from here for users that build chip batches by hand
-__all__ = [
-    "CHIP", "METHODS", "LayerInfo", "NominalStats", "SelfTune", "TuneCost", "TuneResult",
-    "analog_layers", "check_stats", "identity_tune", "load_stats", "nominal_stats",
-    "save_stats", "self_tune", "tune_cost", "with_tune",
-]

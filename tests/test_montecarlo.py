@@ -235,3 +235,24 @@ def test_bad_variability_and_chunks(lenet, mnist):
         montecarlo.evaluate_chips(model, v, 0.3, KEY, 4, mnist, progress=False)
     with pytest.raises(ValueError, match="chips_per_chunk"):
         montecarlo.evaluate_chips(model, v, VM, KEY, 4, mnist, chips_per_chunk=0, progress=False)
+
+
+def test_experiment_rejects_mismatched_checkpoint(lenet, monkeypatch, tmp_path):
+    """experiments/montecarlo.py stops with a clear message when a checkpoint's model differs."""
+    import importlib.util
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import pimjax.checkpoint
+
+    _, v = lenet
+    wrong = get_model("lenet5", quant="W4A4", width=0.5)
+    config = SimpleNamespace(dataset="mnist", data_dir=None, model="lenet5", quant="W4A4",
+                             method="qat")
+    monkeypatch.setattr(pimjax.checkpoint, "load_model", lambda path: (wrong, v, config))
+    path = Path(__file__).resolve().parents[1] / "experiments" / "montecarlo.py"
+    spec = importlib.util.spec_from_file_location("mc_experiment", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit, match="do not match"):
+        module.main(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "out")])
