@@ -49,16 +49,7 @@ def parse_args(argv=None):
                    help="evaluation sigma_within (default: --sigmas)")
     p.add_argument("--matched-only", action="store_true",
                    help="evaluate ptq/qavat models only at their training sigma")
-    p.add_argument("--epochs", type=int, default=None, help="default: the setup's")
-    p.add_argument("--train-images", type=int, default=None, help="default: all")
-    p.add_argument("--test-images", type=int, default=1000)
-    p.add_argument("--chips", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--digital-first-last", action="store_true",
-                   help="keep the first and last layers digital (no variation)")
-    p.add_argument("--smoke", action="store_true", help="seconds-long run on tiny data (tests)")
+    common.add_run_args(p)
     args = p.parse_args(argv)
     if args.smoke:
         args.bits, args.sigmas = (2,), (0.2,)

@@ -10,7 +10,8 @@ accuracy drop against the nominal (variation-free) model.
     python experiments/claim2_between.py                  # LeNet-5/MNIST, CPU-sized
     python experiments/claim2_between.py --setup vgg11-narrow --sigma-total 0.3
 
-Writes ``claim2.json``/``claim2.csv`` and ``claim2.png`` into ``--out``.
+Writes ``claim2.json``/``claim2.csv``, ``claim2_table.txt`` and ``claim2.png`` into
+``--out``.
 """
 
 from __future__ import annotations
@@ -30,12 +31,7 @@ def parse_args(argv=None):
 
 def run(args, progress: bool = True) -> list[dict]:
     """Train (or reuse) the qavat model, sweep the between fraction; write and return rows."""
-    rows = common.between_sweep(args, ("none",), progress)
-    common.write_results(args.out, "claim2", rows, {"args": common.args_meta(args)})
-    common.plot_between(args, rows, args.out / "claim2.png",
-                        f"claim 2, {args.setup} {args.quant} qavat: sigma_total "
-                        f"{args.sigma_total}, {args.chips} chips")
-    return rows
+    return common.run_between(args, "claim2", ("none",), "", progress)
 
 
 def main(argv=None) -> None:
@@ -43,11 +39,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     start = time.perf_counter()
     rows = run(args, progress=not args.smoke)
-    print(f"{args.setup} {args.quant} qavat (trained at sigma_within {args.train_sigma}), "
-          f"sigma_total {args.sigma_total}, {args.chips} chips; accuracy in %")
-    print(common.format_between(rows))
-    print(f"wrote {args.out}/claim2.json, claim2.csv, claim2.png "
-          f"({time.perf_counter() - start:.0f} s)")
+    common.report_between(args, rows, "claim2", time.perf_counter() - start)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ paired), with the calibration cost per chip (unlabeled images, forward passes).
     python experiments/claim3_selftune.py                  # LeNet-5/MNIST, CPU-sized
     python experiments/claim3_selftune.py --tunes channel,bn --calib-images 128
 
-Writes ``claim3.json``/``claim3.csv`` and ``claim3.png`` into ``--out``.
+Writes ``claim3.json``/``claim3.csv``, ``claim3_table.txt`` and ``claim3.png`` into
+``--out``.
 """
 
 from __future__ import annotations
@@ -41,13 +42,9 @@ def parse_args(argv=None):
 
 def run(args, progress: bool = True) -> list[dict]:
     """Train (or reuse) the qavat model, sweep fractions x tune variants; write and return rows."""
-    rows = common.between_sweep(args, args.tunes, progress)
-    common.write_results(args.out, "claim3", rows, {"args": common.args_meta(args)})
-    common.plot_between(args, rows, args.out / "claim3.png",
-                        f"claim 3, {args.setup} {args.quant} qavat: self-tuning, sigma_total "
-                        f"{args.sigma_total}, {args.chips} chips, {args.calib_images} "
-                        "calibration images")
-    return rows
+    return common.run_between(args, "claim3", args.tunes,
+                              f"self-tuning with {args.calib_images} calibration images, ",
+                              progress)
 
 
 def main(argv=None) -> None:
@@ -55,12 +52,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     start = time.perf_counter()
     rows = run(args, progress=not args.smoke)
-    print(f"{args.setup} {args.quant} qavat (trained at sigma_within {args.train_sigma}), "
-          f"sigma_total {args.sigma_total}, {args.chips} chips, {args.calib_images} calibration "
-          "images; accuracy in %")
-    print(common.format_between(rows))
-    print(f"wrote {args.out}/claim3.json, claim3.csv, claim3.png "
-          f"({time.perf_counter() - start:.0f} s)")
+    common.report_between(args, rows, "claim3", time.perf_counter() - start,
+                          f", {args.calib_images} calibration images")
 
 
 if __name__ == "__main__":

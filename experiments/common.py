@@ -164,6 +164,20 @@ def ints(text: str) -> tuple[int, ...]:
     return tuple(int(t) for t in text.split(",") if t.strip())
 
 
+def add_run_args(p) -> None:
+    """Options every claim experiment shares: training size, evaluation size, data, seed."""
+    p.add_argument("--epochs", type=int, default=None, help="default: the setup's")
+    p.add_argument("--train-images", type=int, default=None, help="default: all")
+    p.add_argument("--test-images", type=int, default=1000)
+    p.add_argument("--chips", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--digital-first-last", action="store_true",
+                   help="keep the first and last layers digital (no variation)")
+    p.add_argument("--smoke", action="store_true", help="seconds-long run on tiny data (tests)")
+
+
 # ------------------------------------------------------------------ between-chip sweeps
 
 
@@ -181,17 +195,8 @@ def add_between_args(p, default_out: str) -> None:
                    default=("chip", "layer"))
     p.add_argument("--train-sigma", type=float, default=None,
                    help="qavat's training sigma_within (default: --sigma-total)")
-    p.add_argument("--epochs", type=int, default=None, help="default: the setup's")
-    p.add_argument("--train-images", type=int, default=None, help="default: all")
-    p.add_argument("--test-images", type=int, default=1000)
     p.add_argument("--calib-images", type=int, default=256, help="unlabeled calibration images")
-    p.add_argument("--chips", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--digital-first-last", action="store_true",
-                   help="keep the first and last layers digital (no variation)")
-    p.add_argument("--smoke", action="store_true", help="seconds-long run on tiny data (tests)")
+    add_run_args(p)
 
 
 def finish_between_args(p, args):
@@ -276,16 +281,54 @@ def between_sweep(args, tunes=("none",), progress: bool = True) -> list[dict]:
     return rows
 
 
+def run_between(args, name: str, tunes, title: str, progress: bool = True) -> list[dict]:
+    """Run :func:`between_sweep`, write ``<name>.json``/``.csv``/``_table.txt``/``.png``; return
+    the rows."""
+    rows = between_sweep(args, tunes, progress)
+    write_results(args.out, name, rows, {"args": args_meta(args)})
+    (args.out / f"{name}_table.txt").write_text(format_between(rows) + "\n")
+    plot_between(args, rows, args.out / f"{name}.png",
+                 f"{name}, {args.setup} {args.quant} qavat: {title}sigma_total "
+                 f"{args.sigma_total}, {args.chips} chips")
+    return rows
+
+
+def report_between(args, rows, name: str, seconds: float, extra: str = "") -> None:
+    """Print a between-chip sweep's header, table and the files it wrote."""
+    print(f"{args.setup} {args.quant} qavat (trained at sigma_within {args.train_sigma}), "
+          f"sigma_total {args.sigma_total}, {args.chips} chips{extra}; accuracy in %")
+    print(format_between(rows))
+    print(f"wrote {args.out}/{name}.json, {name}.csv, {name}_table.txt, {name}.png "
+          f"({seconds:.0f} s)")
+
+
+def text_table(rows, columns) -> str:
+    """A fixed-width text table. ``columns``: (header, key, width, kind) with kind "text"
+    (left-aligned), "pct" (100 x value, 2 decimals), "num" (2 decimals) or "tail" (as is)."""
+    def cell(kind, width, value):
+        if kind == "text":
+            return f"{value:<{width}}"
+        if kind == "tail":
+            return f"  {value}"
+        return f"{(100 * value if kind == 'pct' else value):>{width}.2f}"
+
+    head = "".join(f"  {h}" if k == "tail" else f"{h:<{w}}" if k == "text" else f"{h:>{w}}"
+                   for h, _, w, k in columns)
+    lines = [head, "-" * len(head)]
+    lines += ["".join(cell(k, w, r[key]) for _, key, w, k in columns) for r in rows]
+    return "\n".join(lines)
+
+
+BETWEEN_COLUMNS = (("gran", "granularity", 7, "text"), ("between", "between_fraction", 8, "num"),
+                   ("self-tune", "self_tune", 13, "text"), ("nominal", "nominal", 9, "pct"),
+                   ("mean", "mean", 8, "pct"), ("p5", "p5", 8, "pct"),
+                   ("drop", "drop_mean", 8, "pct"), ("drop p5", "drop_p5", 9, "pct"),
+                   ("cost", "calib_cost", 0, "tail"))
+
+
 def format_between(rows) -> str:
     """The printed table of a between-chip sweep (accuracy and drops in %)."""
-    head = (f"{'gran':<7}{'between':>8}{'self-tune':>13}{'nominal':>9}{'mean':>8}{'p5':>8}"
-            f"{'drop':>8}{'drop p5':>9}  cost")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r['granularity']:<7}{r['between_fraction']:>8.2f}{r['self_tune']:>13}"
-                     f"{100 * r['nominal']:>9.2f}{100 * r['mean']:>8.2f}{100 * r['p5']:>8.2f}"
-                     f"{100 * r['drop_mean']:>8.2f}{100 * r['drop_p5']:>9.2f}  {r['calib_cost']}")
-    return "\n".join(lines)
+    return text_table(rows, BETWEEN_COLUMNS)
 
 
 def plot_between(args, rows, path: Path, title: str) -> None:

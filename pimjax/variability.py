@@ -114,31 +114,50 @@ def sample_chip(key, variability: VariabilityModel, template):
     if not leaves:
         raise ValueError("template has no arrays: pass the model's analog kernels")
     k_within = jax.random.fold_in(key, _WITHIN)
-    k_between = jax.random.fold_in(key, _BETWEEN)
-    dist = variability.distribution
-    chip_factor = _draw(k_between, (), variability.sigma_between, dist)
+    between = between_factors(key, variability, template)
     factors = []
+    for i, (leaf, b) in enumerate(zip(leaves, jax.tree_util.tree_leaves(between), strict=True)):
+        f = jnp.ones(tuple(leaf.shape), jnp.float32)
+        if variability.sigma_within > 0:
+            f = _draw(jax.random.fold_in(k_within, i), f.shape, variability.sigma_within,
+                      variability.distribution)
+        factors.append(f * b if variability.sigma_between > 0 else f)
+    return jax.tree_util.tree_unflatten(treedef, factors)
+
+
+def between_factors(key, variability: VariabilityModel, template):
+    """The between-chip factors of the chip drawn from ``key``, one per layer of ``template``.
+
+    Each is a scalar (granularity ``chip``, the same for every layer, or ``layer``) or a
+    ``[1, ..., 1, out]`` array (``column``); all ones when ``sigma_between`` is 0. They are
+    the factors :func:`sample_chip` multiplies into that chip's cells.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(template)
+    k_between = jax.random.fold_in(key, _BETWEEN)
+    sigma, dist, gran = (variability.sigma_between, variability.distribution,
+                         variability.between_granularity)
+    chip_factor = _draw(k_between, (), sigma, dist)
+    out = []
     for i, leaf in enumerate(leaves):
         shape = tuple(leaf.shape)
-        f = jnp.ones(shape, jnp.float32)
-        if variability.sigma_within > 0:
-            f = _draw(jax.random.fold_in(k_within, i), shape, variability.sigma_within, dist)
-        if variability.sigma_between > 0:
-            g = variability.between_granularity
-            if g == "chip":
-                between = chip_factor
-            elif g == "layer":
-                between = _draw(
-                    jax.random.fold_in(k_between, i + 1), (), variability.sigma_between, dist
-                )
-            else:  # one factor per output column (the last axis)
-                col_shape = (1,) * (len(shape) - 1) + shape[-1:]
-                between = _draw(
-                    jax.random.fold_in(k_between, i + 1), col_shape, variability.sigma_between, dist
-                )
-            f = f * between
-        factors.append(f)
-    return jax.tree_util.tree_unflatten(treedef, factors)
+        if sigma == 0:
+            out.append(jnp.ones((), jnp.float32))
+        elif gran == "chip":
+            out.append(chip_factor)
+        else:  # "layer": one factor; "column": one per output column (the last axis)
+            col_shape = () if gran == "layer" else (1,) * (len(shape) - 1) + shape[-1:]
+            out.append(_draw(jax.random.fold_in(k_between, i + 1), col_shape, sigma, dist))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def sign_flipped_chips(key, variability: VariabilityModel, template, num_chips: int):
+    """``[num_chips]`` bool: chip i has a negative between-chip factor (a layer or column whose
+    sign flipped; possible with the ``normal`` distribution only). Chip i as in sample_chips."""
+    def flipped(k):
+        leaves = jax.tree_util.tree_leaves(between_factors(k, variability, template))
+        return jnp.any(jnp.stack([jnp.any(b < 0) for b in leaves]))
+
+    return jax.vmap(flipped)(chip_keys(key, num_chips))
 
 
 def sample_chips(key, variability: VariabilityModel, template, num_chips: int):

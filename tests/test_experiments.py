@@ -1,5 +1,6 @@
 """Smoke runs of the claim experiment scripts and the exploration notebook (tiny data)."""
 
+import csv
 import importlib
 import json
 import os
@@ -15,6 +16,9 @@ common = importlib.import_module("common")
 claim1 = importlib.import_module("claim1_training")
 claim2 = importlib.import_module("claim2_between")
 claim3 = importlib.import_module("claim3_selftune")
+quickstart = importlib.import_module("quickstart")
+train_script = importlib.import_module("train")
+montecarlo_script = importlib.import_module("montecarlo")
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +146,34 @@ def test_notebook_executes(runs, tmp_path):
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
                    for o in c.outputs)
     assert "nominal" in text and "channel" in text
+
+
+def test_quickstart_smoke(tmp_path, capsys):
+    quickstart.main(["--smoke", "--out", str(tmp_path)])
+    rows = _rows(tmp_path / "results.json")
+    assert [(r["method"], r["self_tune"]) for r in rows] == [
+        ("qat", "none"), ("qat", "channel"), ("qavat", "none"), ("qavat", "channel")]
+    for r in rows:
+        assert r["chips"] == 16 and 0 <= r["min"] <= r["p5"] <= r["mean"] <= 1
+        assert 0 <= r["sign_flipped_chips"] <= 16
+    assert (tmp_path / "results.csv").exists() and (tmp_path / "quickstart.png").exists()
+    out = capsys.readouterr().out
+    assert "self-tuning cost per chip" in out and "qavat" in out
+
+
+def test_train_then_montecarlo_scripts(tmp_path):
+    run = tmp_path / "run"
+    train_script.main(["--model", "lenet5", "--dataset", "mnist", "--quant", "W2A4",
+                       "--method", "qavat", "--sigma_within", "0.2", "--epochs", "1",
+                       "--limit_train", "256", "--limit_test", "64", "--batch_size", "32",
+                       "--out", str(run), "--no_progress"])
+    montecarlo_script.main(["--checkpoint", str(run), "--out", str(tmp_path / "mc"),
+                            "--chips", "4", "--sigma-within", "0,0.2", "--sigma-between", "0",
+                            "--tune", "none,channel", "--calib", "32", "--limit-test", "64",
+                            "--no-progress"])
+    with open(tmp_path / "mc" / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {(float(r["sigma_within"]), r["tune"]) for r in rows} == {
+        (s, t) for s in (0.0, 0.2) for t in ("none", "channel")}
+    assert all(int(r["chips"]) == 4 and int(r["images"]) == 64 for r in rows)
+    assert (tmp_path / "mc" / "chips.csv").exists()

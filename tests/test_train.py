@@ -181,15 +181,20 @@ def _one_step_on(mesh, state, images, labels, key):
     return jax.device_get((new_state.params, new_state.batch_stats, metrics))
 
 
+def _step_on_one_and_all(cfg):
+    """One training step of ``cfg`` on a 1-device mesh and on every host device."""
+    ds = load_dataset("mnist", "train", limit=32)
+    key = jax.random.PRNGKey(1)
+    state = T.create_train_state(cfg, key, jnp.zeros((1, 28, 28, 1)), 128)
+    return (_one_step_on(T.make_mesh(k), state, ds.images, ds.labels, key)
+            for k in (1, jax.local_device_count()))
+
+
 def test_sharded_step_equals_unsharded():
     n = jax.local_device_count()
     assert n >= 2, "conftest should provide several host devices"
     cfg = tiny(**QAVAT)
-    ds = load_dataset("mnist", "train", limit=32)
-    key = jax.random.PRNGKey(1)
-    state = T.create_train_state(cfg, key, jnp.zeros((1, 28, 28, 1)), 128)
-    (p1, s1, m1), (pn, sn, mn) = (_one_step_on(T.make_mesh(k), state, ds.images, ds.labels, key)
-                                  for k in (1, n))
+    (p1, s1, m1), (pn, sn, mn) = _step_on_one_and_all(cfg)
     np.testing.assert_allclose(m1["loss"], mn["loss"], rtol=1e-6)
     assert float(m1["acc"]) == float(mn["acc"])
     for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(sn), strict=True):  # BN and act max
@@ -206,13 +211,8 @@ def test_sharded_step_equals_unsharded():
 @pytest.mark.slow
 @pytest.mark.parametrize("chips", [1, 2])
 def test_sharded_float_sgd_step_matches_exactly(chips):
-    n = jax.local_device_count()
     cfg = tiny(method="vat", sigma_within=0.2, chips_per_step=chips, optimizer="sgd", lr=0.05)
-    ds = load_dataset("mnist", "train", limit=32)
-    key = jax.random.PRNGKey(1)
-    state = T.create_train_state(cfg, key, jnp.zeros((1, 28, 28, 1)), 128)
-    (p1, s1, m1), (pn, sn, mn) = (_one_step_on(T.make_mesh(k), state, ds.images, ds.labels, key)
-                                  for k in (1, n))
+    (p1, s1, m1), (pn, sn, mn) = _step_on_one_and_all(cfg)
     np.testing.assert_allclose(m1["loss"], mn["loss"], rtol=1e-6)
     for a, b in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((pn, sn)), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -15,10 +15,12 @@ import pytest
 
 from pimjax.variability import (
     VariabilityModel,
+    between_factors,
     chip_keys,
     nominal_chip,
     sample_chip,
     sample_chips,
+    sign_flipped_chips,
 )
 
 Z = 5.0
@@ -163,6 +165,35 @@ def test_batched_chips_equal_single_chips():
     # chip i's key does not depend on how many chips are drawn or where a chunk starts
     np.testing.assert_array_equal(jax.random.key_data(chip_keys(key, 2, start=3)),
                                   jax.random.key_data(keys[3:5]))
+
+
+@pytest.mark.parametrize("granularity", ["chip", "layer", "column"])
+def test_between_factors_are_what_the_chip_multiplies_in(granularity):
+    key = jax.random.key(11)
+    vm = VariabilityModel(0.2, 0.3, granularity)
+    chip = sample_chip(key, vm, TEMPLATE)
+    within_only = sample_chip(key, VariabilityModel(0.2), TEMPLATE)
+    between = between_factors(key, vm, TEMPLATE)
+    for name in TEMPLATE:
+        b = np.asarray(between[name]["kernel"])
+        assert b.size == (TEMPLATE[name]["kernel"].shape[-1] if granularity == "column" else 1)
+        np.testing.assert_allclose(chip[name]["kernel"], within_only[name]["kernel"] * b,
+                                   rtol=1e-6)
+
+
+def test_sign_flipped_chips_rate_and_definition():
+    # two layers, normal between factors 1 + z: a chip flips when either factor is < 0
+    n, vm = 4000, VariabilityModel(0.0, 1.0, "layer")
+    key = jax.random.key(12)
+    flipped = np.asarray(sign_flipped_chips(key, vm, TEMPLATE, n))
+    p = 1 - (1 - 0.5 * math.erfc(1 / math.sqrt(2))) ** 2
+    assert abs(flipped.mean() - p) < Z * math.sqrt(p * (1 - p) / n), (flipped.mean(), p)
+    chips = sample_chips(key, vm, TEMPLATE, 50)  # no within variation: the cells show the sign
+    neg = np.any([np.asarray(chips[k]["kernel"] < 0).reshape(50, -1).any(1) for k in TEMPLATE],
+                 axis=0)
+    np.testing.assert_array_equal(neg, flipped[:50])
+    assert not np.any(sign_flipped_chips(key, VariabilityModel(0.0, 1.0, "layer", "lognormal"),
+                                         TEMPLATE, 200))
 
 
 def test_nominal_chip_is_exactly_one_and_sigma_zero_is_nominal():
