@@ -128,13 +128,18 @@ class _Analog(nn.Module):
                 )
         return w
 
-    def _tune_and_bias(self, y):
-        """Apply the digital self-tuning gain/offset (analog only) and the float bias."""
+    def _tune_and_bias(self, y, train: bool):
+        """Apply the digital self-tuning gain/offset (analog, inference only) and the bias.
+
+        Self-tuning corrects one fabricated chip after training, so training (``train``)
+        leaves it out: an identity gain/offset there would only cost two passes over y.
+        """
         if self.analog and (self.is_initializing() or self.has_variable(TUNE, "gain")):
             gain = self.variable(TUNE, "gain", jnp.ones, (self.features,), jnp.float32).value
             offset = self.variable(TUNE, "offset", jnp.zeros, (self.features,), jnp.float32).value
-            # per-chip tuning [C, features] of a chip batch broadcasts over y [C, ..., features]
-            y = y * perchip.broadcast_per_chip(gain, y) + perchip.broadcast_per_chip(offset, y)
+            if not train:
+                # per-chip tuning [C, features] of a chip batch broadcasts over y [C, ..., F]
+                y = y * perchip.broadcast_per_chip(gain, y) + perchip.broadcast_per_chip(offset, y)
         if self.analog:
             self.sow("intermediates", "mvm", y)
         if self.use_bias:
@@ -155,7 +160,7 @@ class AnalogDense(_Analog):
         x = self._quantize_input(x, train)
         w = self._effective_kernel(kernel)
         y = perchip.dense(x, w) if w.ndim == kernel.ndim + 1 else ops.dense(x, w)
-        return self._tune_and_bias(y)
+        return self._tune_and_bias(y, train)
 
 
 class AnalogConv(_Analog):
@@ -179,7 +184,7 @@ class AnalogConv(_Analog):
         else:  # leading dims beyond the batch (e.g. [C, B, ...] with shared weights) fold in
             y = ops.conv2d(x.reshape((-1, *x.shape[-3:])), w, strides, self.padding)
             y = y.reshape((*x.shape[:-3], *y.shape[-3:]))
-        return self._tune_and_bias(y)
+        return self._tune_and_bias(y, train)
 
 
 def analog_kernels(variables):

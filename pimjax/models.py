@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from pimjax.layers import AnalogConv, AnalogDense
+from pimjax.ops import max_pool_2x2
 from pimjax.quant import QuantConfig
 
 FLOAT = QuantConfig()
@@ -62,9 +63,9 @@ class LeNet5(_Model):
         w = partial(_width, width=self.width)
         first, middle = self._layer_kwargs("first"), self._layer_kwargs("middle")
         x = AnalogConv(w(6), kernel_size=(5, 5), padding="SAME", **first)(x, train)
-        x = nn.max_pool(nn.relu(_batch_norm(train)(x)), (2, 2), (2, 2))
+        x = max_pool_2x2(nn.relu(_batch_norm(train)(x)))
         x = AnalogConv(w(16), kernel_size=(5, 5), padding="VALID", **middle)(x, train)
-        x = nn.max_pool(nn.relu(_batch_norm(train)(x)), (2, 2), (2, 2))
+        x = max_pool_2x2(nn.relu(_batch_norm(train)(x)))
         x = x.reshape(x.shape[:-3] + (-1,))
         for features in (w(120), w(84)):
             x = AnalogDense(features, **middle)(x, train)
@@ -86,7 +87,7 @@ class VGG11(_Model):
         first = True
         for item in self.config:
             if item == "M":
-                x = nn.max_pool(x, (2, 2), (2, 2))
+                x = max_pool_2x2(x)
                 continue
             kwargs = self._layer_kwargs("first" if first else "middle")
             first = False

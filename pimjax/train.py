@@ -351,7 +351,9 @@ def _apply_train(state: TrainState, params, x, labels, chip):
     if chip is not None:
         variables[CHIP] = chip
     logits, updates = state.model.apply(variables, x, train=True, mutable=["batch_stats"])
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    # one-hot labels: the integer-label form's gradient is a scatter, slow on XLA's CPU
+    onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+    loss = optax.softmax_cross_entropy(logits, onehot).mean()
     acc = jnp.mean(jnp.argmax(logits, -1) == labels)
     return loss, (acc, updates.get("batch_stats", {}))
 

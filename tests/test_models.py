@@ -91,6 +91,9 @@ def test_tune_gain_and_offset_apply_to_mvm_output():
     np.testing.assert_allclose(got, base * tune["gain"] + tune["offset"], rtol=1e-6)
     _, inter = layer.apply(variables, x, mutable=["intermediates"])
     np.testing.assert_array_equal(inter["intermediates"]["mvm"][0], base)
+    # training leaves self-tuning out: it corrects a fabricated chip, after training
+    np.testing.assert_array_equal(layer.apply({**variables, "tune": tune}, x, train=True),
+                                  layer.apply(variables, x, train=True))
 
 
 def test_digital_first_last_are_not_analog():

@@ -242,3 +242,19 @@ def test_rejects_bad_arguments():
         ops.conv2d(x, w, strides=(1, 1, 1))
     with pytest.raises(ValueError):
         ops.conv2d(x, w, padding=((1, 1),))
+
+
+@pytest.mark.parametrize("shape", [(4, 28, 28, 6), (3, 10, 10, 16), (2, 5, 7, 3, 8)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_max_pool_2x2_matches_flax(shape, ties):
+    # odd sizes drop the last row/column (VALID); extra leading dims (a chip batch) fold in.
+    # With ties (quantized ReLU outputs) the first maximum of a window gets the gradient.
+    x = jax.random.normal(jax.random.key(0), shape)
+    if ties:
+        x = jnp.round(jax.nn.relu(x) * 2) / 2
+    ref = nn.max_pool(x, (2, 2), (2, 2))
+    np.testing.assert_array_equal(ops.max_pool_2x2(x), ref)
+    g = jax.random.normal(jax.random.key(1), ref.shape)
+    dx = jax.jit(jax.grad(lambda a: jnp.sum(ops.max_pool_2x2(a) * g)))(x)
+    dref = jax.grad(lambda a: jnp.sum(nn.max_pool(a, (2, 2), (2, 2)) * g))(x)
+    np.testing.assert_array_equal(dx, dref)
