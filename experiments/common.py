@@ -304,10 +304,13 @@ def report_between(args, rows, name: str, seconds: float, extra: str = "") -> No
 
 def text_table(rows, columns) -> str:
     """A fixed-width text table. ``columns``: (header, key, width, kind) with kind "text"
-    (left-aligned), "pct" (100 x value, 2 decimals), "num" (2 decimals) or "tail" (as is)."""
+    (left-aligned), "rtext" (right-aligned), "pct" (100 x value, 2 decimals), "num" (2
+    decimals) or "tail" (as is, after two spaces)."""
     def cell(kind, width, value):
         if kind == "text":
             return f"{value:<{width}}"
+        if kind == "rtext":
+            return f"{value:>{width}}"
         if kind == "tail":
             return f"  {value}"
         return f"{(100 * value if kind == 'pct' else value):>{width}.2f}"
@@ -315,12 +318,12 @@ def text_table(rows, columns) -> str:
     head = "".join(f"  {h}" if k == "tail" else f"{h:<{w}}" if k == "text" else f"{h:>{w}}"
                    for h, _, w, k in columns)
     lines = [head, "-" * len(head)]
-    lines += ["".join(cell(k, w, r[key]) for _, key, w, k in columns) for r in rows]
+    lines += ["".join(cell(k, w, r[key]) for _, key, w, k in columns).rstrip() for r in rows]
     return "\n".join(lines)
 
 
 BETWEEN_COLUMNS = (("gran", "granularity", 7, "text"), ("between", "between_fraction", 8, "num"),
-                   ("self-tune", "self_tune", 13, "text"), ("nominal", "nominal", 9, "pct"),
+                   ("self-tune", "self_tune", 13, "rtext"), ("nominal", "nominal", 9, "pct"),
                    ("mean", "mean", 8, "pct"), ("p5", "p5", 8, "pct"),
                    ("drop", "drop_mean", 8, "pct"), ("drop p5", "drop_p5", 9, "pct"),
                    ("cost", "calib_cost", 0, "tail"))

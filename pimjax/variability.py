@@ -151,8 +151,11 @@ def between_factors(key, variability: VariabilityModel, template):
 
 
 def sign_flipped_chips(key, variability: VariabilityModel, template, num_chips: int):
-    """``[num_chips]`` bool: chip i has a negative between-chip factor (a layer or column whose
-    sign flipped; possible with the ``normal`` distribution only). Chip i as in sample_chips."""
+    """``[num_chips]`` bool: which chips have a negative between-chip factor somewhere.
+
+    A negative factor flips the sign of a whole layer (or column); only the ``normal``
+    distribution can draw one. Chip i is drawn as in :func:`sample_chips`.
+    """
     def flipped(k):
         leaves = jax.tree_util.tree_leaves(between_factors(k, variability, template))
         return jnp.any(jnp.stack([jnp.any(b < 0) for b in leaves]))

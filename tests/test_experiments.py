@@ -51,6 +51,16 @@ def test_claim1_tables_gain_over_best_alternative():
     assert "gain" in claim1.format_tables(args, tabs)
 
 
+def test_between_table_columns():
+    row = {"granularity": "layer", "between_fraction": 0.5, "self_tune": "channel",
+           "nominal": 0.958, "mean": 0.9558, "p5": 0.95, "drop_mean": 0.0022, "drop_p5": 0.008,
+           "calib_cost": "channel: 256 images"}
+    head, rule, line = common.format_between([row]).splitlines()
+    assert line.split() == ["layer", "0.50", "channel", "95.80", "95.58", "95.00", "0.22",
+                            "0.80", "channel:", "256", "images"]
+    assert head.split()[:3] == ["gran", "between", "self-tune"] and set(rule) == {"-"}
+
+
 def test_claim1_plan_shares_qat_and_vat_runs():
     args = claim1.parse_args(["--out", "unused", "--bits", "1,2", "--sigmas", "0,0.3"])
     plan = claim1.plan_runs(args)
