@@ -32,3 +32,9 @@ def apply_cpu_defaults(environ=os.environ) -> bool:
         return False
     environ["XLA_FLAGS"] = " ".join([flags, *CPU_FLAGS]).strip()
     return True
+
+
+def cpu_defaults_applied(environ=os.environ) -> bool:
+    """Whether ``XLA_FLAGS`` carries :data:`CPU_FLAGS` (pimjax's or the user's own)."""
+    flags = environ.get("XLA_FLAGS", "").split()
+    return all(flag in flags for flag in CPU_FLAGS)

@@ -60,6 +60,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pimjax._xla_flags import cpu_defaults_applied
+
 _DN = ("NHWC", "HWIO", "NHWC")
 # Bytes of one batch chunk's patch matrix (weight gradient) or dP (col2im). 1-4 MiB measured
 # best on a 2-core EPYC (512 KiB L2 per core, 32 MiB L3); 64 MiB unchunked was 5-15x slower.
@@ -68,6 +70,10 @@ CHUNK_BYTES = 2 << 20
 CF_MIN_RATIO = 3
 # Input gradient at stride 1: "transpose" from this many input channels, "col2im" below.
 XGRAD_MIN_CIN = 16
+# Stride-1 convs with this many input channels take XLA's own gradient when XLA:CPU runs
+# convolutions on Eigen (pimjax._xla_flags): there it matched or beat the custom VJP on
+# ResNet-20's 3x3 layers (benchmarks/conv_grad.py). 0: always the custom VJP.
+NATIVE_GRAD_MIN_CIN = 16 if cpu_defaults_applied() else 0
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
@@ -79,7 +85,10 @@ def conv2d(x, w, strides: Sequence[int] = (1, 1), padding="SAME"):
     strides = tuple(int(s) for s in strides)
     if len(strides) != 2:
         raise ValueError(f"conv2d strides must have 2 entries, got {strides}")
-    return _conv(x, w, strides, _pads(x.shape, w.shape, strides, padding))
+    pads = _pads(x.shape, w.shape, strides, padding)
+    if NATIVE_GRAD_MIN_CIN and strides == (1, 1) and x.shape[3] >= NATIVE_GRAD_MIN_CIN:
+        return _conv_raw(x, w, strides, pads)  # XLA's own gradient: as fast here (see above)
+    return _conv(x, w, strides, pads)
 
 
 def max_pool_2x2(x):

@@ -44,3 +44,9 @@ def test_only_on_measured_jaxlib(jaxlib_version, monkeypatch):
 
     monkeypatch.setattr(F.metadata, "version", missing)
     assert not F.apply_cpu_defaults(env) and env == {}
+
+
+def test_cpu_defaults_applied_reads_the_flags():
+    assert F.cpu_defaults_applied({"XLA_FLAGS": "--a=1 " + " ".join(F.CPU_FLAGS)})
+    assert not F.cpu_defaults_applied({"XLA_FLAGS": F.YNN_FLAG + "=dot"})
+    assert not F.cpu_defaults_applied({})
