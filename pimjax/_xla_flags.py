@@ -1,9 +1,9 @@
 """XLA:CPU settings pimjax applies before JAX starts its CPU backend.
 
-With jaxlib 0.10, XLA:CPU hands 3x3 convolutions to YNNPACK, which runs them on one thread
-here at about half the speed of XLA's own (Eigen) convolution on two cores (ResNet-20's
-16x16x32 conv: 10.1 ms vs 5.0 ms). Keeping YNNPACK for dots and reductions only cut a
-ResNet-20 training step by about 10% (``benchmarks/train_step.py``). The flag is
+With jaxlib 0.10, XLA:CPU hands 3x3 convolutions to YNNPACK, which ran them here at about
+half the speed of XLA's own (Eigen) convolution on two cores: ResNet-20's 16x16x32 conv
+forward took 11.3 ms against 5.4 ms, and the 8x8x64 one 9.9 ms against 4.3 ms
+(``benchmarks/conv_grad.py`` with ``PIMJAX_XLA_DEFAULTS=0`` and ``=1``). The flag is
 experimental, so it is set only for the jaxlib versions it was measured on, never over a
 user's own setting of it, and ``PIMJAX_XLA_DEFAULTS=0`` turns it off. It takes effect only
 if pimjax is imported before JAX initializes its CPU backend (the first computation).
