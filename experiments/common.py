@@ -8,6 +8,7 @@ continues where it was. Results are written as ``<name>.json`` (meta + rows) and
 
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import json
@@ -155,13 +156,21 @@ def pyplot():
 
 
 def floats(text: str) -> tuple[float, ...]:
-    """Parse a comma-separated list of floats (argparse type)."""
-    return tuple(float(t) for t in text.split(",") if t.strip())
+    """Parse a comma-separated list of floats (argparse type): '0,0.1' -> (0.0, 0.1)."""
+    return _parse_list(text, float, "numbers")
 
 
 def ints(text: str) -> tuple[int, ...]:
-    """Parse a comma-separated list of ints (argparse type)."""
-    return tuple(int(t) for t in text.split(",") if t.strip())
+    """Parse a comma-separated list of ints (argparse type): '1,2' -> (1, 2)."""
+    return _parse_list(text, int, "integers")
+
+
+def _parse_list(text: str, kind, what: str) -> tuple:
+    try:
+        return tuple(kind(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {what}") \
+            from None
 
 
 def add_run_args(p) -> None:

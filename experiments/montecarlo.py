@@ -29,21 +29,13 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from common import floats
 
 from pimjax import data, montecarlo, selftune
 from pimjax.variability import GRANULARITIES, VariabilityModel
 
 TUNE_CHOICES = ("none", *selftune.METHODS)
 STATS_FILE = "nominal_stats.npz"
-
-
-def floats(text: str) -> list[float]:
-    """'0,0.1,0.2' -> [0.0, 0.1, 0.2]."""
-    try:
-        return [float(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") \
-            from None
 
 
 def parse_args(argv=None):

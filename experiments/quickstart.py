@@ -79,6 +79,9 @@ def run(args) -> list[dict]:
     rows, per_chip, flipped = [], {}, None
     for method in ("qat", "qavat"):
         model, variables, _ = train_method(args, method, out)
+        if flipped is None:  # the chips depend on the key and the layer shapes only
+            flipped = np.asarray(sign_flipped_chips(key, variability, analog_kernels(variables),
+                                                    args.chips))
         stats = selftune.nominal_stats(model, variables, calib_images)
         tuning = selftune.SelfTune(args.tune, calib_images, stats)
         for tuned in (False, True):
@@ -87,9 +90,6 @@ def run(args) -> list[dict]:
             s = res.summary()
             label = f"{method} {'+ ' + args.tune if tuned else '(untuned)'}"
             per_chip[label] = res.accuracy
-            if flipped is None:
-                flipped = np.asarray(sign_flipped_chips(key, variability,
-                                                        analog_kernels(variables), args.chips))
             kept = np.asarray(res.accuracy)[~flipped]
             rows.append({
                 "method": method, "self_tune": args.tune if tuned else "none",
