@@ -1,8 +1,7 @@
 """pimjax: variability-aware training, Monte-Carlo evaluation and self-tuning of
-highly quantized DNNs for analog processing-in-memory, in JAX/Flax."""
+highly quantized DNNs for analog processing-in-memory, in JAX/Flax.
 
-from pimjax._xla_flags import apply_cpu_defaults
-
-apply_cpu_defaults()
+Importing pimjax changes no process-wide state; scripts call :func:`pimjax.runtime.configure`.
+"""
 
 __version__ = "0.1.0"

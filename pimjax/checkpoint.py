@@ -10,29 +10,28 @@ checkpoint with three items:
   ``metrics`` and ``history``.
 
 Orbax writes into a temporary directory and renames it when complete, so a crash never leaves
-a half-written checkpoint behind. :func:`restore` and :func:`load_model` accept a run
-directory (its latest checkpoint), a ``checkpoints``/``best`` directory, or one ``<epoch>``
-directory.
+a half-written checkpoint behind. A checkpoint damaged later (a truncated file) is detected
+when read: :meth:`CheckpointStore.restore_latest` falls back to the newest intact one with a
+warning, :func:`restore_variables` raises a one-line :class:`CheckpointError` naming it. This
+module stores and reads pytrees only; :func:`pimjax.train.load_model` rebuilds the model.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import logging
 import os
+import warnings
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
-from jax.sharding import SingleDeviceSharding
 
 ITEMS = ("variables", "train", "meta")
 LAST, BEST = "checkpoints", "best"
 
-# Orbax logs every save and restore at INFO/WARNING level through absl; keep runs readable.
-logging.getLogger("absl").setLevel(logging.ERROR)
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing or cannot be read (damaged, truncated)."""
 
 
 def _manager(directory: Path, max_to_keep: int) -> ocp.CheckpointManager:
@@ -81,21 +80,51 @@ class CheckpointStore:
             best_mgr.save(epoch, args=args, force=True)
             best_mgr.wait_until_finished()
 
+    def epochs(self) -> list[int]:
+        """Epochs of the complete 'last' checkpoints, oldest first."""
+        if not self.last_dir.is_dir():
+            return []
+        return sorted(self._managers()[0].all_steps())
+
     def restore(self, state, epoch: int | None = None):
-        """Restore into the structure and shardings of ``state``: ``(state, meta)``."""
+        """Restore into the structure and shardings of ``state``: ``(state, meta)``.
+
+        Raises :class:`CheckpointError` naming the checkpoint if it cannot be read.
+        """
         last = self._managers()[0]
         epoch = last.latest_step() if epoch is None else epoch
         if epoch is None:
-            raise FileNotFoundError(f"no checkpoint in {self.last_dir}")
+            raise CheckpointError(f"no checkpoint in {self.last_dir}")
         variables, train = _state_items(state)
-        out = last.restore(epoch, args=ocp.args.Composite(
-            variables=ocp.args.StandardRestore(variables),
-            train=ocp.args.StandardRestore(train),
-            meta=ocp.args.JsonRestore()))
+        try:
+            out = last.restore(epoch, args=ocp.args.Composite(
+                variables=ocp.args.StandardRestore(variables),
+                train=ocp.args.StandardRestore(train),
+                meta=ocp.args.JsonRestore()))
+        except Exception as e:  # orbax/TensorStore raise many types for a damaged file
+            raise CheckpointError(f"checkpoint {self.last_dir / str(epoch)} is damaged and "
+                                  f"cannot be read ({_first_line(e)})") from e
         v, t = out["variables"], out["train"]
         state = state.replace(params=v["params"], batch_stats=v["batch_stats"], tune=v["tune"],
                               step=t["step"], opt_state=t["opt_state"])
         return state, out["meta"]
+
+    def restore_latest(self, state):
+        """``(state, meta)`` of the newest intact checkpoint, or None when there is none.
+
+        A damaged newer checkpoint is skipped with a warning that names it.
+        """
+        for epoch in reversed(self.epochs()):
+            try:
+                return self.restore(state, epoch)
+            except CheckpointError as e:
+                warnings.warn(f"{e}; falling back to an earlier checkpoint", stacklevel=2)
+        return None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
 
 
 def checkpoint_dir(path: str | os.PathLike) -> Path:
@@ -108,56 +137,41 @@ def checkpoint_dir(path: str | os.PathLike) -> Path:
     steps = sorted(int(p.name) for p in path.glob("*")
                    if p.name.isdigit() and (p / "meta").is_dir() and (p / "variables").is_dir())
     if not steps:
-        raise FileNotFoundError(f"no pimjax checkpoint found at {path}")
+        raise CheckpointError(f"no pimjax checkpoint found at {path}: pass a run directory "
+                              "(written by experiments/train.py) or one of its checkpoints")
     return path / str(steps[-1])
 
 
 def read_meta(path: str | os.PathLike) -> dict:
     """The JSON metadata (epoch, config, metrics, history) of a checkpoint."""
-    meta_dir = checkpoint_dir(path) / "meta"
+    ckpt = checkpoint_dir(path)
+    meta_dir = ckpt / "meta"
     files = [p for p in meta_dir.iterdir() if p.is_file() and p.name != "commit_success.txt"]
     if not files:
-        raise FileNotFoundError(f"checkpoint metadata missing in {meta_dir}")
-    return json.loads(files[0].read_text())
+        raise CheckpointError(f"checkpoint {ckpt} is damaged: its metadata is missing")
+    try:
+        return json.loads(files[0].read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {ckpt} is damaged: its metadata cannot be read "
+                              f"({_first_line(e)})") from e
 
 
-def restore(path: str | os.PathLike):
-    """Load a checkpoint: ``(TrainConfig, variables)`` with variables on the default device."""
-    from pimjax.train import TrainConfig, build_model
+def restore_variables(path: str | os.PathLike, target=None):
+    """``(meta, variables)`` of a checkpoint, on the default device.
 
+    ``target``: a pytree of ``jax.ShapeDtypeStruct`` of the variables (default: the saved
+    structure). Raises :class:`CheckpointError` naming a damaged checkpoint.
+    """
     ckpt = checkpoint_dir(path)
-    config = TrainConfig.from_dict(read_meta(ckpt)["config"])
-    abstract = _abstract_variables(build_model(config))
-    device = SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                          abstract)
-    variables = ocp.StandardCheckpointer().restore(ckpt / "variables", target)
-    return config, {k: v for k, v in variables.items() if v or k == "params"}
-
-
-@functools.lru_cache(maxsize=16)
-def _abstract_variables(model) -> dict:
-    """Shapes and dtypes of a model's params, batch_stats and tune (traced once per model)."""
-    shape = (1, *model.input_shape)
-    abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros(shape, jnp.float32))
-    return {"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {}),
-            "tune": abstract.get("tune", {})}
-
-
-def load_model(path: str | os.PathLike):
-    """Rebuild a trained model: ``(model, variables, TrainConfig)``."""
-    from pimjax.train import build_model
-
-    config, variables = restore(path)
-    return build_model(config), variables, config
-
-
-def save(directory: str | os.PathLike, epoch: int, state, config, metrics: dict | None = None,
-         best: bool = False) -> Path:
-    """Save a TrainState under ``directory`` (a run dir) as epoch ``epoch``; return its path."""
-    store = CheckpointStore(directory)
-    metrics = metrics or {}
-    meta = {"epoch": epoch, "config": config.to_dict(), "metrics": metrics,
-            "history": [dict(metrics, epoch=epoch)] if metrics else []}
-    store.save(epoch, state, meta, best=best)
-    return store.last_dir / str(epoch)
+    meta = read_meta(ckpt)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    try:
+        if target is not None:
+            target = jax.tree.map(
+                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), target)
+        variables = ocp.StandardCheckpointer().restore(ckpt / "variables", target)
+        jax.block_until_ready(variables)
+    except Exception as e:  # orbax/TensorStore raise many types for a damaged file
+        raise CheckpointError(f"checkpoint {ckpt} is damaged and cannot be read "
+                              f"({_first_line(e)})") from e
+    return meta, {k: v for k, v in variables.items() if v or k == "params"}

@@ -101,6 +101,31 @@ _TFDS_HINT = 'or `pip install -e ".[tfds]"` and use pimjax.data.load_tfds'
 _CACHE_VERSION = 1
 
 
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What pimjax knows of a dataset: image shape, classes, split sizes, normalization."""
+
+    name: str
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    train_size: int
+    test_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+_SHAPES = {"mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3),
+           "cifar100": (32, 32, 3)}
+_SIZES = {"mnist": (60000, 10000), "fashion_mnist": (60000, 10000), "cifar10": (50000, 10000),
+          "cifar100": (50000, 10000)}
+
+
+def info(name: str) -> DatasetInfo:
+    """The registry entry of dataset ``name`` (one of :data:`DATASETS`)."""
+    name = _check_name(name)
+    return DatasetInfo(name, _SHAPES[name], _NUM_CLASSES[name], *_SIZES[name], *MEAN_STD[name])
+
+
 @dataclasses.dataclass(frozen=True, eq=False)  # eq=False: arrays make `==` ambiguous
 class Dataset:
     """One split of an image-classification dataset held in memory."""

@@ -1,31 +1,36 @@
-"""Analog Flax layers: quantize, perturb by the chip, compute, then tune digitally.
+"""Analog Flax layers: quantize, compute on the chip, then tune digitally.
 
-An analog layer computes ``y = g * MVM(q_a(x), q_w(W) * chip) + o (+ bias)``:
+An analog layer computes ``y = g * MVM_chip(q_a(x), q_w(W)) + o (+ bias)``:
 
 * ``q_w`` and ``q_a`` are the weight and input-activation quantizers (:mod:`pimjax.quant`);
-* ``chip`` is this layer's multiplicative factor from the ``"chip"`` variable
-  collection (absent = the nominal chip; see :mod:`pimjax.variability`);
-* ``g``/``o`` are the digital self-tuning gain and offset of the ``"tune"``
-  collection (per output channel, identity by default);
+* ``MVM_chip`` is the crossbar's matrix-vector product on this layer's
+  :class:`pimjax.devices.ChipLayer` from the ``"chip"`` variable collection: the device's
+  weight parts perturb the quantized weight and its periphery wraps the product. Without a
+  chip the layer computes the ideal (nominal) product;
+* ``g``/``o`` are the digital self-tuning gain and offset of the ``"tune"`` collection (per
+  output channel, identity by default), applied at inference only;
 * the bias and batch norm stay digital float.
 
-Pass a chip with ``model.apply({**variables, "chip": chip}, x)`` (or
-:func:`with_chip`): the chip is an ordinary argument, so ``jax.vmap`` over chips
-is a plain vmap. A *chip batch* (every factor ``[C, *kernel.shape]``, tune values
-optionally ``[C, features]``) computes all C chips in one pass without vmap: the
-output gains a leading chip axis (see :mod:`pimjax.perchip`). With ``analog=False``
-a layer is digital: it never reads a chip and carries no tuning variables.
+Pass a chip with :func:`with_chip`; the chip is an ordinary argument, so ``jax.vmap`` over
+chips is a plain vmap. A *chip batch* (:func:`pimjax.devices.sample_chips`) computes all its
+chips in one pass without vmap: the output gains a leading chip axis (:mod:`pimjax.perchip`).
+With ``analog=False`` a layer is digital: it never reads a chip and carries no tuning variables.
+
+:func:`intercept_mvm` and :func:`intercept_calls` are the public hooks through which
+:mod:`pimjax.introspect` watches or edits analog layers while a model runs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from pimjax import ops, perchip
+from pimjax.devices import ChipLayer
 from pimjax.quant import (
     QuantConfig,
     act_levels,
@@ -40,6 +45,7 @@ from pimjax.quant import (
 
 CHIP = "chip"
 TUNE = "tune"
+READ_RNG = "read"  # the Flax rng stream of per-read noise (see pimjax.devices)
 PACT_INIT_CLIP = 6.0  # PACT alpha / LSQ clip at initialisation (ReLU-6 range)
 
 
@@ -47,7 +53,7 @@ class ActQuant(nn.Module):
     """Input-activation quantizer: running-max (EMA) clip, PACT or LSQ."""
 
     bits: int | None
-    method: str = "ema"
+    clip: str = "ema"
     momentum: float = 0.9
     signed: bool = False
 
@@ -56,7 +62,7 @@ class ActQuant(nn.Module):
         if self.bits is None:
             return x
         levels = act_levels(self.bits, self.signed)
-        if self.method == "ema":
+        if self.clip == "ema":
             running = self.variable("batch_stats", "act_max", lambda: jnp.zeros((), jnp.float32))
             batch_max = jax.lax.stop_gradient(jnp.max(jnp.abs(x) if self.signed else x))
             batch_max = jnp.maximum(batch_max, 1e-8)
@@ -71,14 +77,14 @@ class ActQuant(nn.Module):
             else:  # a never-trained model falls back to this batch's max
                 clip = jnp.where(running.value > 0, running.value, batch_max)
             return quantize_activations(x, self.bits, clip, self.signed)
-        if self.method == "pact":
+        if self.clip == "pact":
             alpha = self.param("pact_alpha", nn.initializers.constant(PACT_INIT_CLIP), ())
             return pact_quantize(x, self.bits, alpha, self.signed)
-        if self.method == "lsq":
+        if self.clip == "lsq":
             step = self.param("act_step", nn.initializers.constant(PACT_INIT_CLIP / levels), ())
             step = scale_grad(step, 1.0 / jnp.sqrt(x.size * levels))
             return quantize_activations(x, self.bits, step * levels, self.signed)
-        raise ValueError(f"act_clip={self.method!r} is unknown: use 'ema', 'pact' or 'lsq'")
+        raise ValueError(f"act_clip={self.clip!r} is unknown: use 'ema', 'pact' or 'lsq'")
 
 
 class _Analog(nn.Module):
@@ -90,6 +96,7 @@ class _Analog(nn.Module):
     input_signed: bool = False
     use_bias: bool = False
     kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+    perchip: perchip.Strategy | None = None  # chip batches: None = by backend
 
     def _quantize_input(self, x, train):
         q = self.quant
@@ -97,36 +104,44 @@ class _Analog(nn.Module):
             q.act_bits, q.act_clip, q.act_momentum, self.input_signed, name="input_quant"
         )(x, train)
 
-    def _effective_kernel(self, kernel):
-        """Quantize the kernel, then multiply by this layer's chip factor if one is given."""
+    def _quantized_kernel(self, kernel):
         q = self.quant
-        w = kernel
-        if q.weight_bits is not None:
-            if q.weight_scale == "lsq":
-                s = self.param(
-                    "weight_step",
-                    lambda _: lsq_init_scale(kernel, q.weight_bits, q.weight_per_channel)
-                    if q.weight_bits > 1
-                    else jnp.mean(jnp.abs(kernel), axis=_scale_axes(kernel, q.weight_per_channel)),
-                )
-                per_scale = kernel.size // max(s.size, 1)
-                s = scale_grad(s, 1.0 / jnp.sqrt(per_scale * weight_levels(q.weight_bits)))
-            else:
-                s = weight_scale(kernel, q.weight_bits, q.weight_scale, q.weight_per_channel)
-            w = quantize_weights(kernel, q.weight_bits, s)
-        if self.analog and self.has_variable(CHIP, "kernel"):
-            factor = self.get_variable(CHIP, "kernel")
-            if factor.shape == kernel.shape:
-                w = w * factor
-            elif factor.shape[1:] == kernel.shape:  # a chip batch [C, *kernel]: pimjax.perchip
-                w = w[None] * factor
-            else:
-                raise ValueError(
-                    f"chip factor for {'/'.join(self.scope.path)} has shape {factor.shape}, "
-                    f"the kernel {kernel.shape} (or [chips, *kernel] for a chip batch): sample "
-                    "the chip from this model's analog_kernels(variables)"
-                )
-        return w
+        if q.weight_bits is None:
+            return kernel
+        if q.weight_scale == "lsq":
+            s = self.param(
+                "weight_step",
+                lambda _: lsq_init_scale(kernel, q.weight_bits, q.weight_per_channel)
+                if q.weight_bits > 1
+                else jnp.mean(jnp.abs(kernel), axis=_scale_axes(kernel, q.weight_per_channel)),
+            )
+            per_scale = kernel.size // max(s.size, 1)
+            s = scale_grad(s, 1.0 / jnp.sqrt(per_scale * weight_levels(q.weight_bits)))
+        else:
+            s = weight_scale(kernel, q.weight_bits, q.weight_scale, q.weight_per_channel)
+        return quantize_weights(kernel, q.weight_bits, s)
+
+    def _chip(self, kernel) -> ChipLayer | None:
+        if not (self.analog and self.has_variable(CHIP, "kernel")):
+            return None
+        chip = self.get_variable(CHIP, "kernel")
+        if not isinstance(chip, ChipLayer) or tuple(chip.shape) != tuple(kernel.shape):
+            got = tuple(chip.shape) if isinstance(chip, ChipLayer) else type(chip).__name__
+            raise ValueError(
+                f"the chip for {'/'.join(self.scope.path)} was sampled for a kernel {got}, "
+                f"this layer's is {tuple(kernel.shape)}: sample the chip from this model's "
+                "pimjax.introspect.analog_kernels(variables)")
+        return chip
+
+    def _mvm(self, x, kernel, plain: Callable, batched: Callable):
+        """The crossbar product of ``x`` and the quantized ``kernel`` on this layer's chip."""
+        w = self._quantized_kernel(kernel)
+        chip = self._chip(kernel)
+        if chip is None:
+            return plain(x, w)
+        linear = plain if chip.num_chips is None else batched
+        key = self.make_rng(READ_RNG) if chip.needs_key else None
+        return chip.forward(x, w, linear, key)
 
     def _tune_and_bias(self, y, train: bool):
         """Apply the digital self-tuning gain/offset (analog, inference only) and the bias.
@@ -140,8 +155,6 @@ class _Analog(nn.Module):
             if not train:
                 # per-chip tuning [C, features] of a chip batch broadcasts over y [C, ..., F]
                 y = y * perchip.broadcast_per_chip(gain, y) + perchip.broadcast_per_chip(offset, y)
-        if self.analog:
-            self.sow("intermediates", "mvm", y)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         return y
@@ -158,8 +171,8 @@ class AnalogDense(_Analog):
     def __call__(self, x, train: bool = False):
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
         x = self._quantize_input(x, train)
-        w = self._effective_kernel(kernel)
-        y = perchip.dense(x, w) if w.ndim == kernel.ndim + 1 else ops.dense(x, w)
+        y = self._mvm(x, kernel, ops.dense,
+                      lambda x, w: perchip.dense(x, w, self.perchip))
         return self._tune_and_bias(y, train)
 
 
@@ -177,40 +190,49 @@ class AnalogConv(_Analog):
         shape = (*self.kernel_size, x.shape[-1], self.features)
         kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
         x = self._quantize_input(x, train)
-        w = self._effective_kernel(kernel)
         strides = tuple(self.strides)
-        if w.ndim == kernel.ndim + 1:  # a chip batch: x [B, H, W, I] shared or [C, B, H, W, I]
-            y = perchip.conv2d(x, w, strides, self.padding)
-        else:  # leading dims beyond the batch (e.g. [C, B, ...] with shared weights) fold in
+
+        def plain(x, w):  # leading dims beyond the batch (e.g. [C, B, ...]) fold in
             y = ops.conv2d(x.reshape((-1, *x.shape[-3:])), w, strides, self.padding)
-            y = y.reshape((*x.shape[:-3], *y.shape[-3:]))
+            return y.reshape((*x.shape[:-3], *y.shape[-3:]))
+
+        def batched(x, w):  # x [B, H, W, I] shared by the chips, or [C, B, H, W, I]
+            return perchip.conv2d(x, w, strides, self.padding, self.perchip)
+
+        y = self._mvm(x, kernel, plain, batched)
         return self._tune_and_bias(y, train)
 
 
-def analog_kernels(variables):
-    """The analog layers' kernels, in the layout of the ``"chip"`` collection.
+def _is_analog_call(context, method: str) -> bool:
+    return (context.method_name == method and isinstance(context.module, _Analog)
+            and context.module.analog)
 
-    An analog layer is one that carries ``"tune"`` variables; its kernel sits at
-    the same path in ``"params"``. Use it as the template of ``sample_chip``.
-    """
-    if TUNE not in variables or "params" not in variables:
-        raise ValueError(
-            "variables need 'params' and 'tune' collections (from model.init): "
-            f"got {sorted(variables)}"
-        )
 
-    def walk(tune, params):
-        out = {}
-        for name, sub in tune.items():
-            if name == "gain":
-                out["kernel"] = params["kernel"]
-            elif isinstance(sub, dict) or hasattr(sub, "items"):
-                child = walk(sub, params[name])
-                if child:
-                    out[name] = child
-        return out
+@contextlib.contextmanager
+def intercept_mvm(fn: Callable):
+    """Inside the context, each analog layer's MVM output ``y`` (before its tune gain/offset
+    and bias) becomes ``fn(path, y)``, where ``path`` is the layer's module path (a tuple)."""
+    def interceptor(next_fun, args, kwargs, context):
+        if not _is_analog_call(context, "_tune_and_bias"):
+            return next_fun(*args, **kwargs)
+        y, *rest = args
+        return next_fun(fn(tuple(context.module.scope.path), y), *rest, **kwargs)
 
-    return walk(variables[TUNE], variables["params"])
+    with nn.intercept_methods(interceptor):
+        yield
+
+
+@contextlib.contextmanager
+def intercept_calls(fn: Callable):
+    """Inside the context, each analog layer's call returns ``fn(path, x, call)``: ``path`` is
+    its module path (a tuple), ``x`` its input and ``call()`` runs the layer as usual."""
+    def interceptor(next_fun, args, kwargs, context):
+        if not _is_analog_call(context, "__call__"):
+            return next_fun(*args, **kwargs)
+        return fn(tuple(context.module.scope.path), args[0], lambda: next_fun(*args, **kwargs))
+
+    with nn.intercept_methods(interceptor):
+        yield
 
 
 def with_chip(variables, chip):
@@ -219,3 +241,8 @@ def with_chip(variables, chip):
     if chip is not None:
         out[CHIP] = chip
     return out
+
+
+def with_tune(variables, tune):
+    """Variables with ``tune`` as their ``"tune"`` collection."""
+    return {**variables, TUNE: tune}

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from pimjax.layers import AnalogConv, AnalogDense
 from pimjax.ops import max_pool_2x2
+from pimjax.perchip import Strategy
 from pimjax.quant import QuantConfig
 
 FLOAT = QuantConfig()
@@ -37,6 +38,7 @@ class _Model(nn.Module):
     width: float = 1.0
     digital_first_last: bool = False
     input_shape: tuple[int, int, int] = (32, 32, 3)
+    perchip: Strategy | None = None  # how chip batches compute (pimjax.perchip)
 
     def _check_input(self, x):
         if x.ndim < 4 or tuple(x.shape[-3:]) != tuple(self.input_shape):
@@ -49,7 +51,8 @@ class _Model(nn.Module):
         """Quant and analog settings of the 'first', 'middle' or 'last' layer."""
         if self.digital_first_last and position in ("first", "last"):
             return {"quant": FLOAT, "analog": False}
-        return {"quant": self.quant, "input_signed": position == "first"}
+        return {"quant": self.quant, "input_signed": position == "first",
+                "perchip": self.perchip}
 
 
 class LeNet5(_Model):
@@ -103,10 +106,11 @@ class BasicBlock(nn.Module):
     features: int
     strides: int = 1
     quant: QuantConfig = FLOAT
+    perchip: Strategy | None = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = partial(AnalogConv, quant=self.quant)
+        conv = partial(AnalogConv, quant=self.quant, perchip=self.perchip)
         y = conv(self.features, kernel_size=(3, 3), strides=(self.strides,) * 2)(x, train)
         y = nn.relu(_batch_norm(train)(y))
         y = conv(self.features, kernel_size=(3, 3))(y, train)
@@ -134,7 +138,7 @@ class ResNet(_Model):
         for stage, (blocks, f) in enumerate(zip(self.stage_sizes, features, strict=True)):
             for block in range(blocks):
                 strides = 2 if stage > 0 and block == 0 else 1
-                x = BasicBlock(f, strides, self.quant)(x, train)
+                x = BasicBlock(f, strides, self.quant, self.perchip)(x, train)
         x = jnp.mean(x, axis=(-3, -2))
         return AnalogDense(self.num_classes, use_bias=True, **self._layer_kwargs("last"))(x, train)
 
@@ -152,28 +156,29 @@ INPUT_SHAPES = {"lenet5": (28, 28, 1), "vgg11": (32, 32, 3), "resnet20": (32, 32
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Everything that defines a model's architecture."""
+    """A model's architecture: its name, channel width multiplier and digital first/last."""
 
     name: str = "lenet5"
-    num_classes: int = 10
-    quant: str = "fp"
     width: float = 1.0
     digital_first_last: bool = False
 
     def __post_init__(self):
         if self.name not in MODELS:
             raise ValueError(f"model={self.name!r} is unknown: use one of {sorted(MODELS)}")
-        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) \
-                or self.num_classes < 2:
-            raise ValueError(f"num_classes={self.num_classes!r} must be an integer >= 2")
-        if not self.width > 0:
-            raise ValueError(f"width={self.width!r} must be > 0 (a channel multiplier)")
-        QuantConfig.parse(self.quant)  # raises on a malformed spec
+        if isinstance(self.width, bool) or not isinstance(self.width, (int, float)) \
+                or not self.width > 0:
+            raise ValueError(f"width={self.width!r} must be a number > 0 (a channel multiplier)")
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
         """The [H, W, C] input shape this model expects."""
         return INPUT_SHAPES[self.name]
+
+    def build(self, num_classes: int, quant: QuantConfig,
+              perchip: Strategy | None = None) -> nn.Module:
+        """The Flax model for ``num_classes`` classes with quantizers ``quant``."""
+        return get_model(self.name, num_classes, quant, self.width, self.digital_first_last,
+                         perchip)
 
 
 def get_model(
@@ -182,15 +187,19 @@ def get_model(
     quant: str | QuantConfig = "fp",
     width: float = 1.0,
     digital_first_last: bool = False,
+    perchip: Strategy | None = None,
 ) -> nn.Module:
     """Build a model by name (``lenet5``, ``vgg11``, ``resnet20``, ``resnet18``)."""
     if not isinstance(quant, QuantConfig):
         quant = QuantConfig.parse(quant)
-    ModelConfig(name, num_classes, quant.name, width, digital_first_last)  # validate
+    ModelConfig(name, width, digital_first_last)  # validate
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes={num_classes!r} must be an integer >= 2")
     return MODELS[name](
         num_classes=num_classes,
         quant=quant,
         width=width,
         digital_first_last=digital_first_last,
         input_shape=INPUT_SHAPES[name],
+        perchip=perchip,
     )

@@ -1,14 +1,14 @@
 """Monte-Carlo evaluation of many simulated chips: per-chip accuracy and loss, chunked and sharded.
 
-:func:`evaluate_chips` draws ``N`` chips (chip ``i`` from ``fold_in(key, i)``, see
-:func:`pimjax.variability.chip_keys`), optionally self-tunes each one
+:func:`evaluate_chips` draws ``N`` chips of a device (chip ``i`` from ``fold_in(key, i)``, see
+:func:`pimjax.devices.chip_keys`), optionally self-tunes each one
 (:class:`pimjax.selftune.SelfTune`), and evaluates all of them on a dataset. Chips are
 processed in chunks of ``chips x images`` sized to a memory budget (overridable); each chip
-chunk is sharded over the local devices on a ``"chips"`` mesh axis and computed as a *chip
+chunk is sharded over the devices on a ``"chips"`` mesh axis and computed as a *chip
 batch* (:mod:`pimjax.perchip`): one forward pass for all chips of a device, not a vmap of
 grouped convs.
 
-Determinism: chip ``i``'s factors depend only on its key and every chip is computed by the
+Determinism: chip ``i`` depends only on its key and every chip is computed by the
 same per-chip operations whatever the chunk, so its logits are bit-identical for any chips
 per chunk and any device count. Image chunks are at least ``MIN_IMAGES_PER_CHUNK`` images
 (padded and masked), because XLA's CPU GEMM rounds differently for fewer rows; above that
@@ -23,7 +23,6 @@ import functools
 import math
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,12 +30,13 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pimjax import data as pdata
-from pimjax import selftune
-from pimjax.layers import analog_kernels, with_chip
-from pimjax.variability import VariabilityModel, chip_keys, sample_chip
+from pimjax import devices, introspect, selftune
+from pimjax.distributed import make_mesh
+from pimjax.introspect import CHIP_MODES, analog_kernels, chip_mode
+from pimjax.layers import with_chip, with_tune
+from pimjax.progress import progress_bar
 
 AXIS = "chips"
-MODES = selftune.CHIP_MODES  # how a chip batch is computed, see chip_logits
 CPU_BUDGET_BYTES = 1 << 30  # default per-device budget on CPU
 ACCEL_BUDGET_FRACTION = 0.5  # default on GPU/TPU: this share of the device memory
 MAX_IMAGES_PER_CHUNK = 1000  # images per chunk when the budget leaves the choice open
@@ -53,11 +53,7 @@ def check_variables(model, variables) -> None:
     """Raise ValueError unless ``variables`` have exactly the structure ``model.init`` makes."""
     if not isinstance(variables, dict) or "params" not in variables:
         raise ValueError("variables must be a dict with a 'params' collection (from model.init)")
-    shape = getattr(model, "input_shape", None)
-    if shape is None:
-        raise ValueError(f"{type(model).__name__} has no input_shape: use a pimjax.models model")
-    x = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
-    expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+    expected = introspect.abstract_variables(model)
     for col in ("params", "batch_stats", "tune"):
         want = expected.get(col, {})
         have = variables.get(col, {})
@@ -156,53 +152,28 @@ def default_budget(device=None) -> int:
 
 
 @functools.lru_cache(maxsize=32)
-def memory_per_chip(model, mode: str | None = None) -> tuple[int, int, int]:
+def memory_per_chip(model, device: devices.Device, mode: str | None = None
+                    ) -> tuple[int, int, int]:
     """Estimated bytes ``(per chip-image, per chip, per image)`` of a chip-batch forward.
 
     ``layers`` keeps a few live copies of the largest activation per chip-image; ``map``
     keeps the first analog layer's output (and its chip-major copy) per chip-image and one
-    chip's working set per image. Per chip: the weight factors and effective weights.
+    chip's working set per image. Per chip: the chip's state (its size from ``eval_shape`` of
+    the device's sampler) and two copies of the effective weights.
     """
-    mode = mode or selftune.chip_mode(model)
-    x = jax.ShapeDtypeStruct((1, *model.input_shape), jnp.float32)
-    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
-
-    def run(v, x):
-        _, state = model.apply(v, x, capture_intermediates=True, mutable=["intermediates"])
-        return state
-
-    state = jax.eval_shape(run, variables, x)
-    largest = max(math.prod(a.shape) for a in jax.tree_util.tree_leaves(state))
-    working = 4 * (_ACTIVATION_COPIES * largest + math.prod(model.input_shape))
-    weights = sum(math.prod(a.shape) for a in jax.tree_util.tree_leaves(analog_kernels(variables)))
-    per_chip = 3 * 4 * weights
+    mode = mode or chip_mode(model)
+    template = analog_kernels(introspect.abstract_variables(model))
+    chip = jax.eval_shape(lambda k: devices.sample_chip(k, device, template),
+                          jax.random.PRNGKey(0))
+    state = sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree_util.tree_leaves(chip))
+    weights = sum(math.prod(a.shape) for a in jax.tree_util.tree_leaves(template))
+    per_chip = state + 2 * 4 * weights
+    largest = max(introspect.activation_sizes(model))
+    working = 4 * (_ACTIVATION_COPIES * largest + math.prod(introspect.input_shape(model)))
     if mode == "map":
-        first = selftune.analog_layers(model)[0].out_size
+        first = introspect.analog_layers(model)[0].out_size
         return int(2 * 4 * first), int(per_chip), int(working)
     return int(working), int(per_chip), 0
-
-
-@functools.lru_cache(maxsize=32)
-def forward_flops(model) -> int:
-    """FLOPs of one image's forward pass through the conv/dense layers (2 per multiply-add)."""
-    x = jax.ShapeDtypeStruct((1, *model.input_shape), jnp.float32)
-    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
-
-    def run(v, x):
-        _, state = model.apply(v, x, capture_intermediates=True, mutable=["intermediates"])
-        return state["intermediates"]
-
-    inter = jax.eval_shape(run, variables, x)
-    total = 0
-    for path, kernel in jax.tree_util.tree_flatten_with_path(variables["params"])[0]:
-        if getattr(path[-1], "key", None) != "kernel":
-            continue
-        node = inter
-        for p in path[:-1]:
-            node = node[p.key]
-        out = node["__call__"][0]
-        total += 2 * math.prod(out.shape[1:]) * math.prod(kernel.shape[:-1])
-    return int(total)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -217,13 +188,15 @@ def _balanced(total: int, most: int, multiple: int = 1) -> tuple[int, int]:
     return size, -(-total // size)
 
 
-def plan_chunks(model, num_chips: int, num_images: int, *, num_devices: int = 1,
+def plan_chunks(model, num_chips: int, num_images: int, *,
+                device: devices.Device | None = None, num_devices: int = 1,
                 budget_bytes: int | None = None, chips_per_chunk: int | None = None,
                 images_per_chunk: int | None = None, calib_images: int = 0,
                 mode: str | None = None) -> ChunkPlan:
     """Choose chips x images per chunk so one chunk fits ``budget_bytes`` per device.
 
-    ``calib_images`` (self-tuning's calibration batch) must fit beside the chips too.
+    ``device`` (default: the paper's) sizes the chip state; ``calib_images`` (self-tuning's
+    calibration batch) must fit beside the chips too.
     Explicit ``chips_per_chunk``/``images_per_chunk`` override the choice (chips are rounded
     up to a multiple of the device count).
     """
@@ -235,11 +208,11 @@ def plan_chunks(model, num_chips: int, num_images: int, *, num_devices: int = 1,
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                   or value <= 0):
             raise ValueError(f"{name}={value!r} must be a positive integer or None")
-    if mode is not None and mode not in MODES:
-        raise ValueError(f"mode={mode!r} is unknown: use one of {MODES}")
-    mode = mode or selftune.chip_mode(model)
+    if mode is not None and mode not in CHIP_MODES:
+        raise ValueError(f"mode={mode!r} is unknown: use one of {CHIP_MODES}")
+    mode = mode or chip_mode(model)
     budget = budget_bytes or default_budget()
-    per_ci, per_c, per_i = memory_per_chip(model, mode)
+    per_ci, per_c, per_i = memory_per_chip(model, device or devices.paper(0.1), mode)
     if images_per_chunk is None:
         fit = (budget - per_c) // (per_ci + per_i)  # images that fit beside one chip per device
         images_per_chunk = int(max(1, min(num_images, MAX_IMAGES_PER_CHUNK, fit)))
@@ -259,52 +232,32 @@ def plan_chunks(model, num_chips: int, num_images: int, *, num_devices: int = 1,
 # --------------------------------------------------------------------------- compiled steps
 
 
-def _chip_vars(variables, factors, tune):
-    v = with_chip(variables, factors)
-    return v if tune is None else selftune.with_tune(v, tune)
+def _chip_vars(variables, chip, tune):
+    v = with_chip(variables, chip)
+    return v if tune is None else with_tune(v, tune)
 
 
-def chip_logits(model, variables, factors, x, tune=None, mode: str | None = None):
-    """Logits ``[C, B, classes]`` of a chip batch (factors ``[C, *kernel]``) on ``x [B, ...]``.
+def chip_logits(model, variables, chip, x, tune=None, mode: str | None = None):
+    """Logits ``[C, B, classes]`` of a chip batch on ``x [B, ...]`` (tune: ``[C, F]`` leaves).
 
     ``mode="layers"``: every layer carries the chip axis (:mod:`pimjax.perchip`).
     ``mode="map"``: the first analog layer runs for all chips at once (its input is shared),
     the rest of the network one chip after another in a ``lax.map``. Default:
-    :func:`pimjax.selftune.chip_mode`. Both give bit-identical logits.
+    :func:`pimjax.introspect.chip_mode`. Both give bit-identical logits.
     """
-    mode = mode or selftune.chip_mode(model)
+    mode = mode or chip_mode(model)
+    if mode not in CHIP_MODES:
+        raise ValueError(f"mode={mode!r} is unknown: use one of {CHIP_MODES}")
     if mode == "layers":
-        return model.apply(_chip_vars(variables, factors, tune), x)
-    if mode != "map":
-        raise ValueError(f"mode={mode!r} is unknown: use one of {MODES}")
-    first = selftune.analog_layers(model)[0].path
-    captured = {}
-
-    def grab(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        if context.method_name == "__call__" and tuple(context.module.scope.path) == first:
-            captured["y"] = out
-            raise selftune._StopForward
-        return out
-
-    try:
-        with nn.intercept_methods(grab):
-            model.apply(_chip_vars(variables, factors, tune), x)
-    except selftune._StopForward:
-        pass
+        return model.apply(_chip_vars(variables, chip, tune), x)
+    first = introspect.analog_layers(model)[0].path
+    y_first = introspect.layer_output(model, _chip_vars(variables, chip, tune), x, first)
 
     def one(args):
-        f, t, y = args
+        c, t, y = args
+        return introspect.apply_from_layer(model, _chip_vars(variables, c, t), x, first, y)
 
-        def inject(next_fun, a, kw, context):
-            if context.method_name == "__call__" and tuple(context.module.scope.path) == first:
-                return y
-            return next_fun(*a, **kw)
-
-        with nn.intercept_methods(inject):
-            return model.apply(_chip_vars(variables, f, t), x)
-
-    return jax.lax.map(one, (factors, tune, captured["y"]))
+    return jax.lax.map(one, (chip, tune, y_first))
 
 
 def _metrics(logits, labels, mask):
@@ -320,19 +273,20 @@ def _shard(fn, mesh, in_specs, out_specs):
 
 
 @functools.lru_cache(maxsize=64)
-def _sample_step(mesh: Mesh, variability: VariabilityModel):
-    """Jitted, chip-sharded sampling of chips from their keys."""
-    def sample(keys, template):
-        return jax.vmap(lambda k: sample_chip(k, variability, template))(keys)
+def _sample_step(mesh: Mesh, device: devices.Device):
+    """Jitted, chip-sharded sampling of chips (at read time ``t``) from their keys."""
+    def sample(keys, template, t):
+        chips = jax.vmap(lambda k: devices.sample_chip(k, device, template))(keys)
+        return devices.at_time(chips, t)
 
-    return _shard(sample, mesh, (P(AXIS), P()), P(AXIS))
+    return _shard(sample, mesh, (P(AXIS), P(), P()), P(AXIS))
 
 
 @functools.lru_cache(maxsize=32)
-def _tune_step(model, mesh: Mesh, method: str, batch_size, mode: str):
+def _tune_step(model, mesh: Mesh, variant: str, batch_size, mode: str):
     """Jitted, chip-sharded self-tuning of a chip batch."""
-    def tune(variables, factors, images, stats):
-        return selftune.solve_chips(model, method, batch_size, variables, factors, images,
+    def tune(variables, chip, images, stats):
+        return selftune.solve_chips(model, variant, batch_size, variables, chip, images,
                                     stats, mode)
 
     return _shard(tune, mesh, (P(), P(AXIS), P(), P()), P(AXIS))
@@ -341,19 +295,12 @@ def _tune_step(model, mesh: Mesh, method: str, batch_size, mode: str):
 @functools.lru_cache(maxsize=32)
 def _metrics_step(model, mesh: Mesh, mode: str):
     """Jitted, chip-sharded per-chip correct counts and loss sums on one image chunk."""
-    def metrics(variables, factors, tune, xs, ys, ms, j):
+    def metrics(variables, chip, tune, xs, ys, ms, j):
         x, y, m = (jax.lax.dynamic_index_in_dim(a, j, keepdims=False) for a in (xs, ys, ms))
-        return _metrics(chip_logits(model, variables, factors, x, tune, mode), y, m)
+        return _metrics(chip_logits(model, variables, chip, x, tune, mode), y, m)
 
     chips, rep = P(AXIS), P()
     return _shard(metrics, mesh, (rep, chips, chips, rep, rep, rep, rep), (chips, chips))
-
-
-def _compiled(model, mesh: Mesh, variability: VariabilityModel, tune_method, tune_batch, mode):
-    """The (sample, tune, metrics) steps; each is cached on what it depends on."""
-    tune_fn = None if tune_method is None else _tune_step(model, mesh, tune_method, tune_batch,
-                                                          mode)
-    return _sample_step(mesh, variability), tune_fn, _metrics_step(model, mesh, mode)
 
 
 @functools.lru_cache(maxsize=32)
@@ -364,14 +311,6 @@ def _nominal_fn(model):
         return c[0], loss[0]
 
     return fn
-
-
-def make_mesh(devices=None) -> Mesh:
-    """A 1-D mesh with axis ``"chips"`` over ``devices`` (default: all local devices)."""
-    devices = list(devices) if devices is not None else jax.local_devices()
-    if not devices:
-        raise ValueError("devices is empty: pass at least one device")
-    return Mesh(np.array(devices), (AXIS,))
 
 
 # ---------------------------------------------------------------------------------- results
@@ -386,7 +325,7 @@ class ChipResults:
     num_images: int
     nominal_accuracy: float | None
     nominal_loss: float | None
-    variability: VariabilityModel
+    device: devices.Device
     plan: ChunkPlan
     tune_cost: selftune.TuneCost | None
     seconds: float
@@ -451,45 +390,54 @@ def _prepare_images(images, labels, per_chunk):
             ms.reshape(nb, per_chunk))
 
 
-def _progress(total, desc, enabled):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="chunk", leave=False)
+def _check_device(device) -> None:
+    if not isinstance(device, devices.Device):
+        raise ValueError(f"device must be a pimjax.devices.Device, got {type(device).__name__}: "
+                         "build one with pimjax.devices.paper(...), pcm(...) or ideal()")
 
 
-def evaluate_chips(model, variables, variability: VariabilityModel, key, num_chips: int,
-                   dataset, *, tuning: selftune.SelfTune | None = None,
+def _check_time(t) -> float:
+    if isinstance(t, bool) or not isinstance(t, (int, float, np.number)) or not np.isfinite(t) \
+            or t < 0:
+        raise ValueError(f"t={t!r} must be a finite time >= 0 (seconds since programming)")
+    return float(t)
+
+
+def _tuning_inputs(model, tuning):
+    """(variant, calibration batch size, images, stats) of a SelfTune recipe, checked."""
+    if tuning is None:
+        return None, None, None, None
+    tuning.check(model)
+    stats = tuning.stats if tuning.uses_stats else None
+    return tuning.variant, tuning.batch, jnp.asarray(tuning.images, jnp.float32), stats
+
+
+def evaluate_chips(model, variables, device: devices.Device, key, num_chips: int, dataset, *,
+                   tuning: selftune.SelfTune | None = None, t: float = 0.0,
                    budget_bytes: int | None = None, chips_per_chunk: int | None = None,
-                   images_per_chunk: int | None = None, devices=None, nominal: bool = True,
+                   images_per_chunk: int | None = None, mesh_devices=None, nominal: bool = True,
                    mode: str | None = None, progress: bool = True) -> ChipResults:
-    """Per-chip accuracy and loss ``[N]`` of ``num_chips`` chips drawn from ``variability``.
+    """Per-chip accuracy and loss ``[N]`` of ``num_chips`` chips of ``device``, read at ``t``.
 
     ``dataset``: a :class:`pimjax.data.Dataset` or a pair (normalized float images, labels).
     ``tuning``: self-tune each chip on unlabeled calibration images first. The sweep is
     chunked to ``budget_bytes`` per device (or the given chunk sizes) and sharded over
-    ``devices`` (default: all local devices). ``nominal`` also evaluates the nominal chip.
-    ``mode``: how a chip batch is computed (see :func:`chip_logits`).
+    ``mesh_devices`` (default: all devices). ``nominal`` also evaluates the nominal model
+    (no chip). ``mode``: how a chip batch is computed (see :func:`chip_logits`).
     """
     num_chips = check_num_chips(num_chips)
-    if not isinstance(variability, VariabilityModel):
-        raise ValueError(f"variability must be a VariabilityModel, got {type(variability)}")
+    _check_device(device)
+    t = _check_time(t)
     check_variables(model, variables)
     images, labels = dataset_arrays(model, dataset)
-    tune_method = tune_batch = calib = stats = None
-    if tuning is not None:
-        tuning.check(model)
-        tune_method, tune_batch = tuning.method, tuning._batch()
-        calib = jnp.asarray(tuning.images, jnp.float32)
-        stats = tuning.stats if tune_method in selftune.NEEDS_STATS else None
-    selftune._check_calibrated(variables, "evaluate_chips")
-    mesh = make_mesh(devices)
-    ndev = mesh.devices.size
+    variant, tune_batch, calib, stats = _tuning_inputs(model, tuning)
+    selftune.check_calibrated(variables, "evaluate_chips")
+    mesh = make_mesh(AXIS, mesh_devices)
     calib_batch = 0 if calib is None else (tune_batch or calib.shape[0])
-    plan = plan_chunks(model, num_chips, images.shape[0], num_devices=ndev,
-                       budget_bytes=budget_bytes, chips_per_chunk=chips_per_chunk,
-                       images_per_chunk=images_per_chunk, calib_images=calib_batch, mode=mode)
+    plan = plan_chunks(model, num_chips, images.shape[0], device=device,
+                       num_devices=mesh.devices.size, budget_bytes=budget_bytes,
+                       chips_per_chunk=chips_per_chunk, images_per_chunk=images_per_chunk,
+                       calib_images=calib_batch, mode=mode)
     start = time.perf_counter()
     rep = NamedSharding(mesh, P())
     chip_sharding = NamedSharding(mesh, P(AXIS))
@@ -498,31 +446,31 @@ def evaluate_chips(model, variables, variability: VariabilityModel, key, num_chi
     var_r, tmpl_r, xs_r, ys_r, ms_r = jax.device_put((variables, template, xs, ys, ms), rep)
     if calib is not None:
         calib, stats = jax.device_put((calib, stats), rep)
-    sample_fn, tune_fn, metrics_fn = _compiled(model, mesh, variability, tune_method, tune_batch,
-                                               plan.mode)
-    per_chunk_steps = plan.num_image_chunks + (tune_fn is not None)
-    bar = _progress(plan.num_chip_chunks * per_chunk_steps, "chips", progress)
+    sample_fn = _sample_step(mesh, device)
+    tune_fn = None if variant is None else _tune_step(model, mesh, variant, tune_batch,
+                                                      plan.mode)
+    metrics_fn = _metrics_step(model, mesh, plan.mode)
+    bar = progress_bar(plan.num_chip_chunks * (plan.num_image_chunks + (tune_fn is not None)),
+                       "chips", progress, unit="chunk")
     correct = np.zeros(plan.num_chip_chunks * plan.chips, np.int64)
     loss = np.zeros(plan.num_chip_chunks * plan.chips, np.float64)
     for c in range(plan.num_chip_chunks):
-        keys = jax.device_put(chip_keys(key, plan.chips, start=c * plan.chips), chip_sharding)
-        factors = sample_fn(keys, tmpl_r)
+        keys = jax.device_put(devices.chip_keys(key, plan.chips, start=c * plan.chips),
+                              chip_sharding)
+        chip = sample_fn(keys, tmpl_r, np.float32(t))
         tune = None
         if tune_fn is not None:
-            tune = tune_fn(var_r, factors, calib, stats)
-            if bar is not None:
-                bar.update(1)
+            tune = tune_fn(var_r, chip, calib, stats)
+            bar.update(1)
         parts = []
         for j in range(plan.num_image_chunks):
-            parts.append(metrics_fn(var_r, factors, tune, xs_r, ys_r, ms_r, np.int32(j)))
-            if bar is not None:
-                bar.update(1)
+            parts.append(metrics_fn(var_r, chip, tune, xs_r, ys_r, ms_r, np.int32(j)))
+            bar.update(1)
         sl = slice(c * plan.chips, (c + 1) * plan.chips)
         for cc, ll in parts:
             correct[sl] += np.asarray(cc)
             loss[sl] += np.asarray(ll, np.float64)
-    if bar is not None:
-        bar.close()
+    bar.close()
     seconds = time.perf_counter() - start
     n = images.shape[0]
     nominal_acc = nominal_loss = None
@@ -536,61 +484,62 @@ def evaluate_chips(model, variables, variability: VariabilityModel, key, num_chi
         nominal_acc, nominal_loss = tot_c / n, tot_l / n
     cost = tuning.cost(model) if tuning is not None else None
     return ChipResults(correct[:num_chips] / n, loss[:num_chips] / n, n, nominal_acc,
-                       nominal_loss, variability, plan, cost, seconds)
+                       nominal_loss, device, plan, cost, seconds)
 
 
-def tune_chips(model, variables, variability: VariabilityModel, key, num_chips: int,
-               tuning: selftune.SelfTune, *, budget_bytes: int | None = None,
-               chips_per_chunk: int | None = None, devices=None, mode: str | None = None,
+def tune_chips(model, variables, device: devices.Device, key, num_chips: int,
+               tuning: selftune.SelfTune, *, t: float = 0.0, budget_bytes: int | None = None,
+               chips_per_chunk: int | None = None, mesh_devices=None, mode: str | None = None,
                progress: bool = False) -> selftune.TuneResult:
     """Self-tune chips ``0..N-1`` of ``key``: the stacked ``"tune"`` collection ``[N, F]`` and cost.
 
     The same chips as :func:`evaluate_chips` with the same key; chunked and sharded alike.
     """
     num_chips = check_num_chips(num_chips)
+    _check_device(device)
+    t = _check_time(t)
     check_variables(model, variables)
-    tuning.check(model)
-    tune_method, tune_batch = tuning.method, tuning._batch()
-    calib = jnp.asarray(tuning.images, jnp.float32)
-    stats = tuning.stats if tune_method in selftune.NEEDS_STATS else None
-    mesh = make_mesh(devices)
-    ndev = mesh.devices.size
+    variant, tune_batch, calib, stats = _tuning_inputs(model, tuning)
+    if variant is None:
+        raise ValueError("tuning must be a pimjax.selftune.SelfTune recipe")
+    mesh = make_mesh(AXIS, mesh_devices)
     calib_batch = tune_batch or calib.shape[0]
-    plan = plan_chunks(model, num_chips, calib_batch, num_devices=ndev, budget_bytes=budget_bytes,
+    plan = plan_chunks(model, num_chips, calib_batch, device=device,
+                       num_devices=mesh.devices.size, budget_bytes=budget_bytes,
                        chips_per_chunk=chips_per_chunk, calib_images=calib_batch, mode=mode)
     rep, chip_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
     template = analog_kernels(variables)
     var_r, tmpl_r, calib, stats = jax.device_put((variables, template, calib, stats), rep)
-    sample_fn, tune_fn, _ = _compiled(model, mesh, variability, tune_method, tune_batch,
-                                      plan.mode)
-    bar = _progress(plan.num_chip_chunks, "tune", progress)
+    sample_fn = _sample_step(mesh, device)
+    tune_fn = _tune_step(model, mesh, variant, tune_batch, plan.mode)
+    bar = progress_bar(plan.num_chip_chunks, "tune", progress, unit="chunk")
     outs = []
     for c in range(plan.num_chip_chunks):
-        keys = jax.device_put(chip_keys(key, plan.chips, start=c * plan.chips), chip_sharding)
-        outs.append(tune_fn(var_r, sample_fn(keys, tmpl_r), calib, stats))
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+        keys = jax.device_put(devices.chip_keys(key, plan.chips, start=c * plan.chips),
+                              chip_sharding)
+        outs.append(tune_fn(var_r, sample_fn(keys, tmpl_r, np.float32(t)), calib, stats))
+        bar.update(1)
+    bar.close()
     tune = jax.tree_util.tree_map(lambda *a: np.concatenate([np.asarray(x) for x in a])[:num_chips],
                                   *outs)
     return selftune.TuneResult(tune, tuning.cost(model))
 
 
-def evaluate_loop(model, variables, variability: VariabilityModel, key, num_chips: int, dataset,
-                  *, batch_size: int = 1000) -> np.ndarray:
+def evaluate_loop(model, variables, device: devices.Device, key, num_chips: int, dataset, *,
+                  t: float = 0.0, batch_size: int = 1000) -> np.ndarray:
     """Reference: per-chip accuracy by a Python loop of single-chip jitted forwards (slow)."""
     num_chips = check_num_chips(num_chips)
+    _check_device(device)
     images, labels = dataset_arrays(model, dataset)
     template = analog_kernels(variables)
 
     @jax.jit
     def correct(variables, k, x, y):
-        chip = sample_chip(k, variability, template)
+        chip = devices.at_time(devices.sample_chip(k, device, template), t)
         logits = model.apply(with_chip(variables, chip), x)
         return jnp.sum(jnp.argmax(logits, -1) == y)
 
-    keys = chip_keys(key, num_chips)
+    keys = devices.chip_keys(key, num_chips)
     out = np.zeros(num_chips)
     for i in range(num_chips):
         total = 0

@@ -60,7 +60,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pimjax._xla_flags import cpu_defaults_applied
+from pimjax.runtime import cpu_flags_applied
 
 _DN = ("NHWC", "HWIO", "NHWC")
 # Bytes of one batch chunk's patch matrix (weight gradient) or dP (col2im). 1-4 MiB measured
@@ -70,24 +70,36 @@ CHUNK_BYTES = 2 << 20
 CF_MIN_RATIO = 3
 # Input gradient at stride 1: "transpose" from this many input channels, "col2im" below.
 XGRAD_MIN_CIN = 16
-# Stride-1 convs with this many input channels take XLA's own gradient when XLA:CPU runs
-# convolutions on Eigen (pimjax._xla_flags): there it matched or beat the custom VJP on
-# ResNet-20's 3x3 layers (benchmarks/conv_grad.py). 0: always the custom VJP.
-NATIVE_GRAD_MIN_CIN = 16 if cpu_defaults_applied() else 0
+# With grad="auto", stride-1 convs with this many input channels take XLA's own gradient when
+# XLA:CPU runs convolutions on Eigen (pimjax.runtime's flag): there it matched or beat the
+# custom VJP on ResNet-20's 3x3 layers (benchmarks/conv_grad.py).
+NATIVE_GRAD_MIN_CIN = 16
+GRADS = ("auto", "custom", "xla")
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
 
-def conv2d(x, w, strides: Sequence[int] = (1, 1), padding="SAME"):
-    """NHWC x HWIO 2-D convolution, ``lax.conv_general_dilated`` with a faster CPU gradient."""
+def conv2d(x, w, strides: Sequence[int] = (1, 1), padding="SAME", grad: str = "auto"):
+    """NHWC x HWIO 2-D convolution, ``lax.conv_general_dilated`` with a faster CPU gradient.
+
+    ``grad``: ``"custom"`` (this module's VJP), ``"xla"`` (XLA's own) or ``"auto"``: XLA's for
+    stride-1 convs with at least ``NATIVE_GRAD_MIN_CIN`` input channels when
+    :func:`pimjax.runtime.cpu_flags_applied`, the custom VJP otherwise.
+    """
+    if grad not in GRADS:
+        raise ValueError(f"grad={grad!r} is unknown: use one of {GRADS}")
     if x.ndim != 4 or w.ndim != 4:
         raise ValueError(f"conv2d wants x [B,H,W,I] and w [kh,kw,I,O], got {x.shape}, {w.shape}")
     strides = tuple(int(s) for s in strides)
     if len(strides) != 2:
         raise ValueError(f"conv2d strides must have 2 entries, got {strides}")
     pads = _pads(x.shape, w.shape, strides, padding)
-    if NATIVE_GRAD_MIN_CIN and strides == (1, 1) and x.shape[3] >= NATIVE_GRAD_MIN_CIN:
-        return _conv_raw(x, w, strides, pads)  # XLA's own gradient: as fast here (see above)
+    if grad == "auto":
+        native = (cpu_flags_applied() and strides == (1, 1)
+                  and x.shape[3] >= NATIVE_GRAD_MIN_CIN)
+        grad = "xla" if native else "custom"
+    if grad == "xla":
+        return _conv_raw(x, w, strides, pads)
     return _conv(x, w, strides, pads)
 
 
@@ -205,23 +217,24 @@ def _wgrad_cf(x, g, kernel, strides, pads):
 # --------------------------------------------------------------------------- input gradient
 
 
-def input_grad(g, w, x_shape, strides, pads: Pads, method: str | None = None):
+def input_grad(g, w, x_shape, strides, pads: Pads, formulation: str | None = None):
     """``dL/dx [B, H, W, I]`` of the conv from output cotangent ``g`` and kernel ``w``."""
     kh, kw, cin, _ = w.shape
-    if method is None:
+    if formulation is None:
         stride1 = strides == (1, 1)
-        method = "transpose" if stride1 and (cin >= XGRAD_MIN_CIN or kh * kw == 1) else "col2im"
-    if method == "col2im":
+        formulation = ("transpose" if stride1 and (cin >= XGRAD_MIN_CIN or kh * kw == 1)
+                       else "col2im")
+    if formulation == "col2im":
         per_image = g.shape[1] * g.shape[2] * kh * kw * cin * _acc_dtype(g).itemsize
         bc = _chunk_size(g.shape[0], per_image)
         return _batch_map(lambda gc: _xgrad_col2im(gc, w, x_shape[1:3], strides, pads), g, bc)
-    if method == "transpose":
+    if formulation == "transpose":
         if strides != (1, 1):
-            raise ValueError("input_grad method 'transpose' is for stride 1")
+            raise ValueError("input_grad formulation 'transpose' is for stride 1")
         return _xgrad_transpose(g, w, pads)
-    if method == "subpixel":
+    if formulation == "subpixel":
         return _xgrad_subpixel(g, w, x_shape[1:3], strides, pads)
-    raise ValueError(f"unknown input_grad method {method!r}")
+    raise ValueError(f"unknown input_grad formulation {formulation!r}")
 
 
 def _xgrad_transpose(g, w, pads):

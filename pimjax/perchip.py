@@ -11,7 +11,7 @@ which XLA's CPU backend runs many times below a plain conv; these functions avoi
   input patches are extracted once for every chip;
 * **chip-batched input** (``x [C, B, ...]``): on CPU a conv or matmul is a ``lax.map`` over
   chips of the ordinary op at batch ``B`` (no grouped conv, no im2col copy); on GPU/TPU a
-  batched conv and one batched GEMM ``einsum('cbk,cko->cbo')``. See :func:`strategy`.
+  batched conv and one batched GEMM ``einsum('cbk,cko->cbo')``. See :class:`Strategy`.
 
 The layers of :mod:`pimjax.layers` route here when their chip factor has one more leading
 axis than the kernel. Results equal the plain layers applied chip by chip within float
@@ -19,6 +19,8 @@ rounding (the GEMM shapes differ, so the summation order may too).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -31,21 +33,36 @@ from pimjax import ops
 # (grouped) conv; "einsum": one batched GEMM. On a 2-core CPU (benchmarks/montecarlo.py,
 # LeNet-5, 64 chips x 1000 images, chip-img/s): wide+map+map 9.1k, wide+map+einsum 6.6k,
 # map+map+einsum 4.0k, wide+vmap+einsum 3.3k; a plain shared-weight forward 2.2k. XLA's CPU
-# grouped convs and batched dots are slow while its plain convs/GEMMs are fast. None = by
-# backend: the CPU choice above, or vmap/einsum on GPU/TPU (whose libraries batch these well;
-# not measured here).
-SHARED_CONV: str | None = None
-BATCHED_CONV: str | None = None
-BATCHED_DENSE: str | None = None
-_BY_BACKEND = {"cpu": ("wide", "map", "map")}
-_ACCELERATOR = ("wide", "vmap", "einsum")
+# grouped convs and batched dots are slow while its plain convs/GEMMs are fast. GPUs and TPUs
+# batch these well, so ACCELERATOR uses the batched forms (not measured here).
+SHARED_CONVS = ("wide", "map")
+BATCHED_CONVS = ("map", "vmap")
+BATCHED_DENSES = ("map", "einsum")
 
 
-def strategy() -> tuple[str, str, str]:
-    """The (shared conv, batched conv, batched dense) strategies in force."""
-    default = _BY_BACKEND.get(jax.default_backend(), _ACCELERATOR)
-    chosen = (SHARED_CONV, BATCHED_CONV, BATCHED_DENSE)
-    return tuple(c or d for c, d in zip(chosen, default, strict=True))
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """How a chip batch's convs and matmuls are computed (a static choice, see above)."""
+
+    shared_conv: str = "wide"
+    batched_conv: str = "map"
+    batched_dense: str = "map"
+
+    def __post_init__(self):
+        for field, allowed in (("shared_conv", SHARED_CONVS), ("batched_conv", BATCHED_CONVS),
+                               ("batched_dense", BATCHED_DENSES)):
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"{field}={getattr(self, field)!r} is unknown: use one of "
+                                 f"{allowed}")
+
+
+CPU = Strategy("wide", "map", "map")
+ACCELERATOR = Strategy("wide", "vmap", "einsum")
+
+
+def default_strategy(backend: str | None = None) -> Strategy:
+    """:data:`CPU` on the CPU backend, :data:`ACCELERATOR` on GPU/TPU (default: JAX's)."""
+    return CPU if (backend or jax.default_backend()) == "cpu" else ACCELERATOR
 
 
 def _check(x, w, spatial: int, kind: str):
@@ -62,34 +79,34 @@ def _check(x, w, spatial: int, kind: str):
         )
 
 
-def conv2d(x, w, strides=(1, 1), padding="SAME"):
+def conv2d(x, w, strides=(1, 1), padding="SAME", strategy: Strategy | None = None):
     """Per-chip NHWC conv: ``w [C, kh, kw, I, O]``; ``x [B, H, W, I]`` or ``[C, B, H, W, I]``.
 
-    Returns ``[C, B, H', W', O]``.
+    Returns ``[C, B, H', W', O]``. ``strategy``: None for :func:`default_strategy`.
     """
     _check(x, w, 2, "conv")
     chips, kh, kw, cin, cout = w.shape
-    shared_conv, batched_conv, _ = strategy()
+    strategy = strategy or default_strategy()
     if x.ndim == 4:
-        if shared_conv == "wide":
+        if strategy.shared_conv == "wide":
             wide = jnp.moveaxis(w, 0, -2).reshape(kh, kw, cin, chips * cout)
             y = ops.conv2d(x, wide, strides, padding)
             y = y.reshape(*y.shape[:-1], chips, cout)
             return jnp.moveaxis(y, -2, 0)
         return lax.map(lambda wc: ops.conv2d(x, wc, strides, padding), w)
-    if batched_conv == "map":
+    if strategy.batched_conv == "map":
         return lax.map(lambda a: ops.conv2d(a[0], a[1], strides, padding), (x, w))
     return jax.vmap(lambda xc, wc: ops.conv2d(xc, wc, strides, padding))(x, w)
 
 
-def dense(x, w):
+def dense(x, w, strategy: Strategy | None = None):
     """Per-chip matmul: ``w [C, K, O]``; ``x [B, K]`` or ``[C, B, K]``. Returns ``[C, B, O]``."""
     _check(x, w, 0, "dense")
     chips, k, out = w.shape
     if x.ndim == 2:
         y = ops.dense(x, jnp.moveaxis(w, 0, 1).reshape(k, chips * out))
         return jnp.moveaxis(y.reshape(x.shape[0], chips, out), 1, 0)
-    if strategy()[2] == "map":
+    if (strategy or default_strategy()).batched_dense == "map":
         return lax.map(lambda a: ops.dense(a[0], a[1]), (x, w))
     return jnp.einsum("cbk,cko->cbo", x, w)
 

@@ -15,8 +15,8 @@ import re
 import jax
 import jax.numpy as jnp
 
-WEIGHT_SCALE_METHODS = ("mse", "max", "lsq")
-ACT_CLIP_METHODS = ("ema", "pact", "lsq")
+WEIGHT_SCALE_ESTIMATORS = ("mse", "max", "lsq")
+ACT_CLIPS = ("ema", "pact", "lsq")
 MIN_BITS, MAX_BITS = 1, 8
 _MSE_GRID = 64  # candidate clip ratios searched by the MSE-optimal scale
 
@@ -34,7 +34,7 @@ def check_bits(bits: int | None, field: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
-    """Bitwidths and scale methods of the weight and activation quantizers.
+    """Bitwidths and scale estimators of the weight and activation quantizers.
 
     ``weight_bits``/``act_bits`` of None mean float. ``weight_scale`` is one of
     ``mse`` (MSE-optimal search), ``max`` or ``lsq`` (learned step size);
@@ -51,13 +51,14 @@ class QuantConfig:
     def __post_init__(self):
         check_bits(self.weight_bits, "weight_bits")
         check_bits(self.act_bits, "act_bits")
-        if self.weight_scale not in WEIGHT_SCALE_METHODS:
+        if self.weight_scale not in WEIGHT_SCALE_ESTIMATORS:
             raise ValueError(
-                f"weight_scale={self.weight_scale!r} is unknown: use one of {WEIGHT_SCALE_METHODS}"
+                f"weight_scale={self.weight_scale!r} is unknown: use one of "
+                f"{WEIGHT_SCALE_ESTIMATORS}"
             )
-        if self.act_clip not in ACT_CLIP_METHODS:
+        if self.act_clip not in ACT_CLIPS:
             raise ValueError(
-                f"act_clip={self.act_clip!r} is unknown: use one of {ACT_CLIP_METHODS}"
+                f"act_clip={self.act_clip!r} is unknown: use one of {ACT_CLIPS}"
             )
         if not 0.0 <= self.act_momentum < 1.0:
             raise ValueError(f"act_momentum={self.act_momentum!r} must be in [0, 1)")
@@ -164,8 +165,8 @@ def _reduce_axes(w, per_channel: bool):
     return tuple(range(w.ndim - 1)) if per_channel else tuple(range(w.ndim))
 
 
-def weight_scale(w, bits: int, method: str = "mse", per_channel: bool = False):
-    """Scale (step size) of a b-bit weight quantizer by ``mse`` search or ``max``.
+def weight_scale(w, bits: int, estimator: str = "mse", per_channel: bool = False):
+    """Scale (step size) of a b-bit weight quantizer, estimated by ``mse`` search or ``max``.
 
     Shape ``()`` per tensor, or ``(out,)`` per output channel (the last axis).
     For b = 1 the scale is mean|w|, the MSE-optimal scale of the sign quantizer.
@@ -178,11 +179,11 @@ def weight_scale(w, bits: int, method: str = "mse", per_channel: bool = False):
     q = weight_levels(bits)
     wmax = jnp.max(jnp.abs(w), axis=axes)
     wmax = jnp.where(wmax > 0, wmax, 1.0)
-    if method == "max":
+    if estimator == "max":
         return wmax / q
-    if method != "mse":
+    if estimator != "mse":
         raise ValueError(
-            f"method={method!r} is unknown here: use 'mse' or 'max' ('lsq' is learned)")
+            f"estimator={estimator!r} is unknown here: use 'mse' or 'max' ('lsq' is learned)")
     # Search clip ratios c in (0, 1]: scale = c * max|w| / Q, minimising ||q(w) - w||^2.
     ratios = jnp.linspace(1.0 / _MSE_GRID, 1.0, _MSE_GRID)
 

@@ -5,7 +5,8 @@ Every analog layer applies a digital gain and offset to its MVM output, ``g * mv
 per-channel output statistics on calibration images are recorded once
 (:func:`nominal_stats`) and stored with the model (:func:`save_stats`). On a chip,
 :func:`self_tune` solves ``g``/``o`` of one layer after another, in execution order, with
-the earlier layers already tuned, so that the chip's statistics match the stored ones:
+the earlier layers already tuned, so that the chip's statistics match the stored ones. The
+variants (:data:`TUNE_VARIANTS`):
 
 =============== ============================================================================
 ``gain``        one gain per layer: ``g = std_nominal / std_chip`` (over channels and positions)
@@ -19,8 +20,8 @@ the earlier layers already tuned, so that the chip's statistics match the stored
 =============== ============================================================================
 
 The solve is one jitted function of (variables, chip, calibration images); a chip batch
-(factors ``[C, *kernel]``, see :mod:`pimjax.perchip`) tunes all C chips at once and
-``jax.vmap`` over single chips works too. With the calibration set as a single batch the
+(:func:`pimjax.devices.sample_chips`) tunes all C chips at once and ``jax.vmap`` over single
+chips works too. With the calibration set as a single batch the
 solve is **one forward pass** (each layer's statistics are taken as the pass reaches it);
 with ``batch_size`` smaller than the set it makes one pass per analog layer over the
 batches (each stopped after its layer), accumulating exact streaming moments. The cost
@@ -37,99 +38,19 @@ import os
 import warnings
 from pathlib import Path
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pimjax import perchip
-from pimjax.layers import TUNE, analog_kernels, with_chip
+from pimjax import introspect, perchip
+from pimjax.devices import num_chips
+from pimjax.introspect import CHIP_MODES, LayerInfo, analog_layers, chip_mode
+from pimjax.layers import with_chip, with_tune
 
-METHODS = ("gain", "gain_offset", "channel", "bn", "paired")
-CHIP_MODES = ("layers", "map")
+TUNE_VARIANTS = ("gain", "gain_offset", "channel", "bn", "paired")
 NEEDS_STATS = ("gain", "gain_offset", "channel")
 _TINY = 1e-12  # variances below this are treated as a dead channel: left untuned
-_ANALOG_METHOD = "_tune_and_bias"  # the analog layers' method that applies g/o to the MVM
-
-
-# ------------------------------------------------------------------------- model structure
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerInfo:
-    """One analog layer: its path, width, bias, and the batch norm that reads its output."""
-
-    path: tuple[str, ...]
-    features: int
-    bias: bool
-    bn_path: tuple[str, ...] | None
-    bn_epsilon: float
-    in_size: int = 0  # input elements per image
-    out_size: int = 0  # output elements per image
-
-    @property
-    def name(self) -> str:
-        """The layer's path joined by '/' (the key of its statistics)."""
-        return "/".join(self.path)
-
-
-def _input_shape(model) -> tuple[int, ...]:
-    shape = getattr(model, "input_shape", None)
-    if shape is None:
-        raise ValueError(f"{type(model).__name__} has no input_shape: use a pimjax.models model")
-    return tuple(shape)
-
-
-@functools.lru_cache(maxsize=64)
-def _layers_cached(model) -> tuple[LayerInfo, ...]:
-    x = jax.ShapeDtypeStruct((1, *_input_shape(model)), jnp.float32)
-    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
-    analog, bns, sizes = [], [], {}
-
-    def record(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        mod = context.module
-        if context.method_name == "__call__" and getattr(mod, "analog", False) \
-                and hasattr(mod, "features") and not isinstance(mod, nn.BatchNorm):
-            sizes[tuple(mod.scope.path)] = (math.prod(args[0].shape), math.prod(out.shape))
-        if context.method_name == _ANALOG_METHOD and getattr(mod, "analog", False):
-            analog.append((tuple(mod.scope.path), out, mod.features, mod.use_bias))
-        elif isinstance(mod, nn.BatchNorm) and context.method_name == "__call__":
-            bns.append((tuple(mod.scope.path), args[0], mod.epsilon))
-        return out
-
-    def run(variables, x):
-        with nn.intercept_methods(record):
-            model.apply(variables, x)
-        return 0
-
-    jax.eval_shape(run, variables, x)
-    out = []
-    for path, y, features, bias in analog:
-        bn = next(((p, eps) for p, inp, eps in bns if inp is y), (None, 0.0))
-        out.append(LayerInfo(path, int(features), bool(bias), bn[0], float(bn[1]),
-                             *sizes.get(path, (0, 0))))
-    return tuple(out)
-
-
-def analog_layers(model) -> tuple[LayerInfo, ...]:
-    """The model's analog layers in execution order, each with the batch norm fed by it."""
-    return _layers_cached(model)
-
-
-def chip_mode(model) -> str:
-    """How a chip batch runs fastest on this model: ``"layers"`` or ``"map"`` (a cost rule).
-
-    ``layers`` carries the chip axis through every layer and copies each later analog
-    layer's input once per chip (``lax.map`` slices); ``map`` computes the first analog layer
-    for all chips and copies only its output per chip, then runs one chip at a time (whose
-    activations also stay in cache, so ``map`` gets a 2x margin). Measured on a 2-core CPU:
-    LeNet-5 (layers 8.4k vs map 7.1k chip-img/s), ResNet-20 (layers 238 vs map 367).
-    """
-    layers = analog_layers(model)
-    later_inputs = sum(layer.in_size for layer in layers[1:])
-    return "layers" if 2 * later_inputs <= layers[0].out_size else "map"
 
 
 def _get(tree, path):
@@ -157,11 +78,6 @@ def identity_tune(model, num_chips: int | None = None) -> dict:
         flat[(*layer.path, "gain")] = jnp.ones(shape, jnp.float32)
         flat[(*layer.path, "offset")] = jnp.zeros(shape, jnp.float32)
     return _nest(flat)
-
-
-def with_tune(variables, tune):
-    """Variables with ``tune`` as their ``"tune"`` collection."""
-    return {**variables, TUNE: tune}
 
 
 # ------------------------------------------------------------------------------ statistics
@@ -254,20 +170,13 @@ def _batches(images, batch_size: int | None):
     return x.reshape(nb, bs, *images.shape[1:]), mask.reshape(nb, bs)
 
 
-def _capture_mvm(model, variables, x):
-    """Run ``model`` and return each analog layer's sowed MVM output, keyed by layer name."""
-    _, state = model.apply(variables, x, mutable=["intermediates"])
-    inter = state["intermediates"]
-    return {layer.name: _get(inter, layer.path)["mvm"][0] for layer in analog_layers(model)}
-
-
 @functools.partial(jax.jit, static_argnames="model")
 def _nominal_batch_moments(model, variables, x, weight):
-    mvm = _capture_mvm(model, with_chip(variables, None), x)
+    mvm = introspect.capture_mvm(model, with_chip(variables, None), x)
     return {k: _moments_axes(y, weight, None, False) for k, y in mvm.items()}
 
 
-def _check_calibrated(variables, where: str) -> None:
+def check_calibrated(variables, where: str) -> None:
     """Warn when a running-max activation quantizer was never trained (its clip is 0)."""
     flat = jax.tree_util.tree_flatten_with_path(variables.get("batch_stats", {}))[0]
     zeros = [jax.tree_util.keystr(p) for p, v in flat
@@ -285,7 +194,7 @@ def nominal_stats(model, variables, images, batch_size: int | None = 256) -> Nom
     """Per-channel MVM statistics of the nominal chip (no variation) on calibration images."""
     images = jnp.asarray(images, jnp.float32)
     check_images(model, images, "calibration images")
-    _check_calibrated(variables, "nominal_stats")
+    check_calibrated(variables, "nominal_stats")
     xs, masks = _batches(images, batch_size)
     total = None
     for i in range(xs.shape[0]):
@@ -335,8 +244,9 @@ def check_stats(model, stats: NominalStats) -> None:
 
 
 def check_images(model, images, what: str = "images") -> None:
-    """Raise ValueError unless ``images`` is a non-empty float batch of the model's input shape."""
-    shape = _input_shape(model)
+    """Raise ValueError unless ``images`` is a non-empty, finite float batch of the model's
+    input shape."""
+    shape = introspect.input_shape(model)
     if images.ndim != 4 or tuple(images.shape[1:]) != shape:
         raise ValueError(f"{what} must be [n, {', '.join(map(str, shape))}] for "
                          f"{type(model).__name__}, got {tuple(images.shape)}")
@@ -345,6 +255,9 @@ def check_images(model, images, what: str = "images") -> None:
     if not jnp.issubdtype(images.dtype, jnp.floating):
         raise ValueError(f"{what} must be float (normalized, see pimjax.data.normalize), "
                          f"got {images.dtype}")
+    if not bool(jnp.all(jnp.isfinite(images))):
+        raise ValueError(f"{what} contain NaN or infinite values: check the data (normalized "
+                         "images are finite)")
 
 
 # ---------------------------------------------------------------------------------- solve
@@ -359,7 +272,7 @@ class TuneCost:
     the nominal model's (``paired`` only), shared by every chip of a call.
     """
 
-    method: str
+    variant: str
     images: int
     batches: int
     passes: int
@@ -368,16 +281,16 @@ class TuneCost:
 
     def __str__(self) -> str:
         nominal = f" + {self.nominal_passes} nominal (shared)" if self.nominal_passes else ""
-        return (f"{self.method}: {self.images} unlabeled images in {self.batches} batch(es), "
+        return (f"{self.variant}: {self.images} unlabeled images in {self.batches} batch(es), "
                 f"{self.passes} pass(es) per chip{nominal}")
 
 
-def tune_cost(model, method: str, num_images: int, batch_size: int | None = None) -> TuneCost:
+def tune_cost(model, variant: str, num_images: int, batch_size: int | None = None) -> TuneCost:
     """The cost of :func:`self_tune` with these settings."""
-    _check_method(method)
+    check_variant(variant)
     nb = 1 if batch_size is None else -(-num_images // min(int(batch_size), num_images))
     passes = 1 if nb == 1 else len(analog_layers(model))
-    return TuneCost(method, int(num_images), nb, passes, passes if method == "paired" else 0)
+    return TuneCost(variant, int(num_images), nb, passes, passes if variant == "paired" else 0)
 
 
 @flax.struct.dataclass
@@ -388,16 +301,17 @@ class TuneResult:
     cost: TuneCost = flax.struct.field(pytree_node=False)
 
 
-def _check_method(method):
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is unknown: use one of {METHODS}")
+def check_variant(variant) -> None:
+    """Raise ValueError unless ``variant`` is one of :data:`TUNE_VARIANTS`."""
+    if variant not in TUNE_VARIANTS:
+        raise ValueError(f"tune={variant!r} is unknown: use one of {TUNE_VARIANTS}")
 
 
-def _solve_layer(method, layer: LayerInfo, m: _Moments, target, batch_stats, params):
+def _solve_layer(variant, layer: LayerInfo, m: _Moments, target, batch_stats, params):
     """Gain and offset ``[C, F]`` of one layer from the chip's moments ``m`` (``[C, F]``)."""
     var_c, mean_c = m.var, m.mean
     ok = var_c > _TINY
-    if method in ("gain", "gain_offset"):
+    if variant in ("gain", "gain_offset"):
         t_mean, t_var = target
         layer_mean_c = jnp.mean(mean_c, -1, keepdims=True)
         layer_var_c = jnp.mean(var_c, -1, keepdims=True) + jnp.mean(
@@ -407,14 +321,14 @@ def _solve_layer(method, layer: LayerInfo, m: _Moments, target, batch_stats, par
         lok = layer_var_c > _TINY
         g = jnp.where(lok, jnp.sqrt(layer_var_t / jnp.where(lok, layer_var_c, 1.0)), 1.0)
         g = jnp.broadcast_to(g, mean_c.shape)
-        o = layer_mean_t - g * layer_mean_c if method == "gain_offset" else jnp.zeros_like(g)
+        o = layer_mean_t - g * layer_mean_c if variant == "gain_offset" else jnp.zeros_like(g)
         o = jnp.where(lok, jnp.broadcast_to(o, mean_c.shape), 0.0)
         return g, o
-    if method == "channel":
+    if variant == "channel":
         t_mean, t_var = target
         g = jnp.where(ok, jnp.sqrt(t_var / jnp.where(ok, var_c, 1.0)), 1.0)
         return g, jnp.where(ok, t_mean - g * mean_c, 0.0)
-    if method == "paired":
+    if variant == "paired":
         g = jnp.where(ok, m.cov / jnp.where(ok, var_c, 1.0), 1.0)
         return g, jnp.where(ok, m.nmean - g * mean_c, 0.0)
     # bn: z = mvm + bias feeds the batch norm; give it the chip's own mean/var of z.
@@ -427,101 +341,70 @@ def _solve_layer(method, layer: LayerInfo, m: _Moments, target, batch_stats, par
     return g, bn["mean"] - bias - g * mean_c
 
 
-class _StopForward(Exception):  # noqa: N818 - control flow, not an error
-    """Raised inside a forward pass once the layer being tuned has been reached."""
-
-
-def _has_chip_axis(variables, factors) -> bool:
-    """True for a chip batch (factors ``[C, *kernel]``), False for one chip."""
-    f = jax.tree_util.tree_leaves(factors)[0]
-    return f.ndim == jax.tree_util.tree_leaves(analog_kernels(variables))[0].ndim + 1
-
-
-def solve_chips(model, method, batch_size, variables, factors, images, stats, mode="layers"):
+def solve_chips(model, variant, batch_size, variables, chip, images, stats, mode="layers"):
     """Tune one chip or a chip batch; a batch with ``mode="map"`` tunes chip after chip.
 
     The nominal activations of ``paired`` are computed once for all chips, except with
     several calibration batches, where the solve runs on the chip axis (``layers``) instead.
     """
     one_batch = batch_size is None or batch_size >= images.shape[0]
-    if mode == "map" and _has_chip_axis(variables, factors) and (one_batch or method != "paired"):
+    if mode == "map" and num_chips(chip) is not None and (one_batch or variant != "paired"):
         nominal = None
-        if method == "paired" and one_batch:
-            nominal = _capture_mvm(model, with_chip(variables, None), images)
-        return jax.lax.map(lambda f: _solve(model, method, batch_size, variables, f, images,
-                                            stats, nominal), factors)
-    return _solve(model, method, batch_size, variables, factors, images, stats)
+        if variant == "paired" and one_batch:
+            nominal = introspect.capture_mvm(model, with_chip(variables, None), images)
+        return jax.lax.map(lambda c: _solve(model, variant, batch_size, variables, c, images,
+                                            stats, nominal), chip)
+    return _solve(model, variant, batch_size, variables, chip, images, stats)
 
 
-def _solve(model, method, batch_size, variables, factors, images, stats, nominal=None):
+def _solve(model, variant, batch_size, variables, chip, images, stats, nominal=None):
     """The layer-by-layer solve: the tune tree with ``[F]`` leaves, ``[C, F]`` for a chip batch."""
     layers = analog_layers(model)
-    chip_axis = _has_chip_axis(variables, factors)
-    lead = (jax.tree_util.tree_leaves(factors)[0].shape[0],) if chip_axis else ()
-    ident = with_tune(variables, identity_tune(model))
-    chip_vars = with_chip(ident, factors)
+    count = num_chips(chip)
+    lead = () if count is None else (count,)
+    chip_vars = with_chip(with_tune(variables, identity_tune(model)), chip)
     nominal_vars = with_chip(variables, None)
     xs, masks = _batches(images, batch_size)
+    by_path = {layer.path: layer for layer in layers}
     solved: dict = {}
 
     def target(layer):
-        if method in NEEDS_STATS:
+        if variant in NEEDS_STATS:
             return stats.mean[layer.name], stats.var[layer.name]
         return None
 
     def solve(layer, m):
-        g, o = _solve_layer(method, layer, m, target(layer), variables.get("batch_stats"),
+        g, o = _solve_layer(variant, layer, m, target(layer), variables.get("batch_stats"),
                             variables["params"])
         solved[layer.path] = (jnp.broadcast_to(g, (*lead, layer.features)),
                               jnp.broadcast_to(o, (*lead, layer.features)))
 
-    def apply_known(y, path):
+    def apply_known(path, y):
         g, o = solved[path]
         return y * perchip.broadcast_per_chip(g, y) + perchip.broadcast_per_chip(o, y)
 
     if xs.shape[0] == 1:  # one batch: solve every layer as the single pass reaches it
         x, w = xs[0], masks[0]
         nom = {}
-        if method == "paired":
-            nom = nominal if nominal is not None else _capture_mvm(model, nominal_vars, x)
-        by_path = {layer.path: layer for layer in layers}
+        if variant == "paired":
+            nom = nominal if nominal is not None else introspect.capture_mvm(
+                model, nominal_vars, x)
 
-        def online(next_fun, args, kwargs, context):
-            mod = context.module
-            if context.method_name != _ANALOG_METHOD or not getattr(mod, "analog", False):
-                return next_fun(*args, **kwargs)
-            layer = by_path[tuple(mod.scope.path)]
-            y = args[0]
-            solve(layer, _moments_axes(y, w, nom.get(layer.name), chip_axis))
-            return next_fun(apply_known(y, layer.path), *args[1:], **kwargs)
+        def online(path, y):
+            layer = by_path[path]
+            solve(layer, _moments_axes(y, w, nom.get(layer.name), count is not None))
+            return apply_known(path, y)
 
-        with nn.intercept_methods(online):
-            model.apply(chip_vars, x)
+        introspect.apply_with_mvm(model, chip_vars, x, online)
     else:  # one pass per layer over all batches, each stopped at its layer
         for layer in layers:
             def body(acc, batch, layer=layer):
                 x, w = batch
-                captured = {}
-
-                def capture(next_fun, args, kwargs, context):
-                    mod = context.module
-                    if context.method_name != _ANALOG_METHOD or not getattr(mod, "analog", False):
-                        return next_fun(*args, **kwargs)
-                    path = tuple(mod.scope.path)
-                    if path == layer.path:
-                        captured["y"] = args[0]
-                        raise _StopForward
-                    return next_fun(apply_known(args[0], path), *args[1:], **kwargs)
-
-                try:
-                    with nn.intercept_methods(capture):
-                        model.apply(chip_vars, x)
-                except _StopForward:
-                    pass
+                y = introspect.run_to_layer(model, chip_vars, x, layer.path, apply_known)
                 y_nom = None
-                if method == "paired":
-                    y_nom = _capture_mvm(model, nominal_vars, x)[layer.name]
-                m = _moments_axes(captured["y"], w, y_nom, chip_axis)
+                if variant == "paired":
+                    y_nom = introspect.run_to_layer(model, nominal_vars, x, layer.path)
+                m = _moments_axes(y, w, y_nom, count is not None)
                 return (m if acc is None else _combine(acc, m)), None
 
             first = body(None, (xs[0], masks[0]))[0]
@@ -535,72 +418,74 @@ def _solve(model, method, batch_size, variables, factors, images, stats, nominal
     return _nest(flat)
 
 
-_solve_jit = jax.jit(solve_chips, static_argnames=("model", "method", "batch_size", "mode"))
+_solve_jit = jax.jit(solve_chips, static_argnames=("model", "variant", "batch_size", "mode"))
 
 
-def check_tuning_args(model, method, images, stats, batch_size) -> None:
+def check_tuning_args(model, variant, images, stats, batch_size) -> None:
     """Validate self-tuning arguments before any work (ValueError naming the bad field)."""
-    _check_method(method)
+    check_variant(variant)
     check_images(model, images, "calibration images")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                    or batch_size < 1):
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer or None")
-    if method in NEEDS_STATS:
+    if variant in NEEDS_STATS:
         if stats is None:
-            raise ValueError(f"method={method!r} needs the nominal stats: pass "
+            raise ValueError(f"tune={variant!r} needs the nominal stats: pass "
                              "stats=nominal_stats(model, variables, images)")
         check_stats(model, stats)
 
 
-def self_tune(model, variables, chip, images, method: str = "channel",
+def self_tune(model, variables, chip, images, variant: str = "channel",
               stats: NominalStats | None = None, batch_size: int | None = None,
               mode: str | None = None) -> TuneResult:
     """Solve one chip's (or a chip batch's) digital gains/offsets, label-free, layer by layer.
 
-    ``chip`` is one chip (factors shaped like the kernels) or a chip batch (``[C, *kernel]``);
-    ``images`` are normalized calibration images ``[n, H, W, C]``; ``stats`` are the nominal
-    statistics (:func:`nominal_stats`), needed by ``gain``, ``gain_offset`` and ``channel``.
-    Returns the ``"tune"`` collection (apply with :func:`with_tune`) and the cost. Traceable:
-    ``jax.vmap`` over single chips works (a chip batch is faster). ``mode`` (chip batches):
-    ``"layers"`` or ``"map"``, default :func:`chip_mode`.
+    ``chip`` is one chip or a chip batch (:mod:`pimjax.devices`); ``images`` are normalized
+    calibration images ``[n, H, W, C]``; ``stats`` are the nominal statistics
+    (:func:`nominal_stats`), needed by ``gain``, ``gain_offset`` and ``channel``. Returns the
+    ``"tune"`` collection (apply with :func:`pimjax.layers.with_tune`) and the cost.
+    Traceable: ``jax.vmap`` over single chips works (a chip batch is faster). ``mode`` (chip
+    batches): ``"layers"`` or ``"map"``, default :func:`pimjax.introspect.chip_mode`.
     """
     images = jnp.asarray(images)
-    check_tuning_args(model, method, images, stats, batch_size)
-    template = analog_kernels(variables)
-    leaves, tleaves = jax.tree_util.tree_leaves(chip), jax.tree_util.tree_leaves(template)
-    if len(leaves) != len(tleaves):
-        raise ValueError(f"chip has {len(leaves)} factors, the model {len(tleaves)} analog kernels")
-    if leaves[0].ndim not in (tleaves[0].ndim, tleaves[0].ndim + 1):
-        raise ValueError(f"chip factors have shape {leaves[0].shape}, the kernel "
-                         f"{tleaves[0].shape}: pass one chip or a chip batch [C, *kernel]")
+    check_tuning_args(model, variant, images, stats, batch_size)
+    num_chips(chip)  # raises unless chip is a chip
     if mode is not None and mode not in CHIP_MODES:
         raise ValueError(f"mode={mode!r} is unknown: use one of {CHIP_MODES}")
-    stats_arg = stats if method in NEEDS_STATS else None
+    stats_arg = stats if variant in NEEDS_STATS else None
     if isinstance(batch_size, int) and batch_size >= images.shape[0]:
         batch_size = None
-    tune = _solve_jit(model, method, batch_size, variables, chip, images, stats_arg,
+    tune = _solve_jit(model, variant, batch_size, variables, chip, images, stats_arg,
                       mode or chip_mode(model))
-    return TuneResult(tune, tune_cost(model, method, images.shape[0], batch_size))
+    return TuneResult(tune, tune_cost(model, variant, images.shape[0], batch_size))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class SelfTune:
-    """A self-tuning recipe for :func:`pimjax.montecarlo.evaluate_chips`: method, images, stats."""
+    """A self-tuning recipe for :func:`pimjax.montecarlo.evaluate_chips`: variant, images,
+    stats and calibration batch size."""
 
-    method: str
+    variant: str
     images: jax.Array
     stats: NominalStats | None = None
     batch_size: int | None = None
 
     def check(self, model) -> None:
         """Raise ValueError if this recipe does not fit ``model``."""
-        check_tuning_args(model, self.method, jnp.asarray(self.images), self.stats,
+        check_tuning_args(model, self.variant, jnp.asarray(self.images), self.stats,
                           self.batch_size)
+
+    @property
+    def batch(self) -> int | None:
+        """The calibration batch size in effect: None when the set is one batch."""
+        n = int(self.images.shape[0])
+        return None if self.batch_size is None or self.batch_size >= n else int(self.batch_size)
+
+    @property
+    def uses_stats(self) -> bool:
+        """Whether the variant needs the nominal statistics."""
+        return self.variant in NEEDS_STATS
 
     def cost(self, model) -> TuneCost:
         """Calibration cost per chip."""
-        return tune_cost(model, self.method, int(self.images.shape[0]), self._batch())
-
-    def _batch(self):
-        n = int(self.images.shape[0])
-        return None if self.batch_size is None or self.batch_size >= n else int(self.batch_size)
+        return tune_cost(model, self.variant, int(self.images.shape[0]), self.batch)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from pimjax import ops
+from pimjax import ops, runtime
 
 DN = ("NHWC", "HWIO", "NHWC")
 TOL = 1e-5
@@ -38,16 +38,16 @@ def vjp_fn(conv, strides, padding):
 
 
 def check_against_ref(x, w, strides, padding, seed=1):
-    """Forward bitwise equal, both gradients within TOL of XLA's."""
+    """Forward bitwise equal, both gradients of the custom VJP within TOL of XLA's."""
     y_ref = jax.jit(lambda x, w: ref_conv(x, w, strides, padding))(x, w)
-    y = jax.jit(lambda x, w: ops.conv2d(x, w, strides, padding))(x, w)
+    y = jax.jit(lambda x, w: ops.conv2d(x, w, strides, padding, grad="custom"))(x, w)
     np.testing.assert_array_equal(y, y_ref)
     g = jnp.asarray(np.random.default_rng(seed).standard_normal(y_ref.shape), jnp.float32)
     # One compile for both pull-backs keeps the test quick.
     both = jax.jit(
         lambda *a: (
             vjp_fn(ref_conv, strides, padding)(*a),
-            vjp_fn(ops.conv2d, strides, padding)(*a),
+            vjp_fn(custom_conv, strides, padding)(*a),
         )
     )
     (rx, rw), (dx, dw) = both(x, w, g)
@@ -55,6 +55,11 @@ def check_against_ref(x, w, strides, padding, seed=1):
     assert dw.shape == w.shape and dw.dtype == w.dtype
     assert rel(dx, rx) < TOL, rel(dx, rx)
     assert rel(dw, rw) < TOL, rel(dw, rw)
+
+
+def custom_conv(x, w, strides, padding):
+    """ops.conv2d forced onto its custom VJP (``auto`` sends some convs to XLA's gradient)."""
+    return ops.conv2d(x, w, strides, padding, grad="custom")
 
 
 CHANNELS = [(1, 6), (16, 16), (64, 3)]  # (6, 16) etc. in FORMULATION_CASES
@@ -65,7 +70,7 @@ CHANNELS = [(1, 6), (16, 16), (64, 3)]  # (6, 16) etc. in FORMULATION_CASES
 @pytest.mark.parametrize("padding", ["SAME", "VALID"])
 @pytest.mark.parametrize("cin,cout", CHANNELS)
 def test_conv2d_matches_lax(k, stride, padding, cin, cout):
-    """Default dispatch over kernel 1/3/5, stride 1/2, SAME/VALID, 1..64 channels."""
+    """The custom VJP's dispatch over kernel 1/3/5, stride 1/2, SAME/VALID, 1..64 channels."""
     hw = 9 if (k + cin) % 2 else 8  # odd and even sizes
     x, w = data(2, hw, hw - 1, cin, cout, k, seed=k + cin)
     check_against_ref(x, w, (stride, stride), padding)
@@ -101,7 +106,7 @@ FORMULATION_CASES = [
 
 @pytest.mark.parametrize("case", FORMULATION_CASES)
 def test_each_formulation(case, monkeypatch):
-    """Both weight-gradient layouts and all input-gradient methods, chunked with a tail."""
+    """Both weight-gradient layouts and all input-gradient formulations, chunked with a tail."""
     b, h, w_, cin, cout, k, strides, padding = case
     monkeypatch.setattr(ops, "CHUNK_BYTES", 1)  # one image per chunk: scan + tail paths
     x, w = data(b, h, w_, cin, cout, k)
@@ -113,8 +118,8 @@ def test_each_formulation(case, monkeypatch):
     @jax.jit
     def grads(x, w, g):
         dws = [ops.weight_grad(x, g, (k, k), strides, pads, lay) for lay in ("nhwc", "cf")]
-        methods = ["col2im", "subpixel"] + (["transpose"] if strides == (1, 1) else [])
-        dxs = [ops.input_grad(g, w, x.shape, strides, pads, m) for m in methods]
+        forms = ["col2im", "subpixel"] + (["transpose"] if strides == (1, 1) else [])
+        dxs = [ops.input_grad(g, w, x.shape, strides, pads, f) for f in forms]
         return dws, dxs
 
     dws, dxs = grads(x, w, g)
@@ -134,7 +139,7 @@ def test_chunk_size():
 
 
 def test_chunked_default_path(monkeypatch):
-    """The default dispatch with a batch cut into uneven chunks (scan plus tail)."""
+    """The custom VJP's dispatch with a batch cut into uneven chunks (scan plus tail)."""
     monkeypatch.setattr(ops, "CHUNK_BYTES", 3 * 8 * 8 * 9 * 16 * 4)  # 3 images of 7
     x, w = data(7, 8, 8, 16, 8, 3)
     check_against_ref(x, w, (1, 1), "SAME")
@@ -258,3 +263,19 @@ def test_max_pool_2x2_matches_flax(shape, ties):
     dx = jax.jit(jax.grad(lambda a: jnp.sum(ops.max_pool_2x2(a) * g)))(x)
     dref = jax.grad(lambda a: jnp.sum(nn.max_pool(a, (2, 2), (2, 2)) * g))(x)
     np.testing.assert_array_equal(dx, dref)
+
+
+def test_grad_choice_auto_custom_xla(monkeypatch):
+    """``auto`` takes XLA's gradient only for stride-1, >= 16-channel convs under the flag."""
+    x, w = data(1, 8, 8, 16, 4, 3)
+
+    def custom(**kw):
+        return "custom_vjp" in str(jax.make_jaxpr(lambda x, w: ops.conv2d(x, w, **kw))(x, w))
+
+    monkeypatch.setenv("XLA_FLAGS", " ".join(runtime.CPU_FLAGS))
+    assert not custom(grad="auto") and custom(grad="custom") and not custom(grad="xla")
+    assert custom(grad="auto", strides=(2, 2))
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert custom(grad="auto")
+    with pytest.raises(ValueError, match="grad='fast' is unknown"):
+        ops.conv2d(x, w, grad="fast")

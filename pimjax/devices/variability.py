@@ -1,27 +1,28 @@
-"""Fabrication variability of analog weights: chips as pytrees of factors.
+"""The paper's fabrication variability: a multiplicative factor on every analog weight.
 
-A *chip* is one sample of every analog layer's multiplicative weight factor,
-drawn from one PRNG key. It has the structure of the analog kernels
-(``{"Conv_0": {"kernel": f0}, ...}``, see :func:`pimjax.layers.analog_kernels`),
-so ``jax.vmap(sample_chip, in_axes=(0, None, None))`` over keys gives a batch of
-chips and ``jax.vmap`` of a model over that batch is a plain vmap.
-
-Factors are applied to the *quantized* weight: ``w_hat = q(w) * factor``.
-Within- and between-chip factors multiply (SPEC "Composition"):
+One device part (:mod:`pimjax.devices`): a chip's state for each analog layer is the
+factor array of that layer, applied to the *quantized* weight, ``w_hat = q(w) * factor``.
+Within- and between-chip factors multiply:
 
 * ``normal``:    factor = (1 + eps_w)(1 + eps_b), eps ~ N(0, sigma^2). Its variance
   is s_w^2 + s_b^2 + s_w^2 s_b^2, i.e. about s_w^2 + s_b^2.
 * ``lognormal``: factor = exp(theta_w + theta_b), theta ~ N(0, sigma^2): sign
   preserving, median one, mean exp((s_w^2 + s_b^2) / 2).
+
+Layer ``i`` (in pytree-flatten order of the analog kernels) draws its cells from
+``fold_in(fold_in(key, 0), i)``; between-chip factors come from ``fold_in(key, 1)``, so a
+chip depends on nothing but its key and the layer shapes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 GRANULARITIES = ("chip", "layer", "column")
 DISTRIBUTIONS = ("normal", "lognormal")
@@ -40,12 +41,11 @@ class VariabilityModel:
 
     def __post_init__(self):
         for field in ("sigma_within", "sigma_between"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{field}={value!r} must be a number >= 0")
+            value = _as_float(getattr(self, field), field)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(
                     f"{field}={value!r} must be finite and >= 0 (a standard deviation)")
+            object.__setattr__(self, field, value)
         if self.between_granularity not in GRANULARITIES:
             raise ValueError(
                 f"between_granularity={self.between_granularity!r} is unknown: "
@@ -94,52 +94,58 @@ class VariabilityModel:
         return math.exp((self.sigma_within**2 + self.sigma_between**2) / 2)
 
 
+    def sample(self, key, shapes):
+        """The factor array of every layer (``shapes``: the analog kernels' shapes, in order)."""
+        if not shapes:
+            raise ValueError("the model has no analog kernels to sample a chip for")
+        k_within = jax.random.fold_in(key, _WITHIN)
+        between = between_factors(key, self, shapes)
+        factors = []
+        for i, (shape, b) in enumerate(zip(shapes, between, strict=True)):
+            f = jnp.ones(tuple(shape), jnp.float32)
+            if self.sigma_within > 0:
+                f = _draw(jax.random.fold_in(k_within, i), f.shape, self.sigma_within,
+                          self.distribution)
+            factors.append(f * b if self.sigma_between > 0 else f)
+        return tuple(factors)
+
+    def apply(self, w, state, t):
+        """The weight times this layer's factor (``state``); time has no effect."""
+        del t
+        return w * state
+
+
+def _as_float(value, field: str) -> float:
+    """A real number (Python, NumPy or 0-d JAX scalar) as a float, else ValueError."""
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{field}={value!r} must be a number >= 0")
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if np.ndim(value) == 0 and np.issubdtype(np.asarray(value).dtype, np.floating | np.integer):
+        return float(value)
+    raise ValueError(f"{field}={value!r} must be a number >= 0")
+
+
 def _draw(key, shape, sigma, distribution):
     """One component's factor: 1 + sigma*z (normal) or exp(sigma*z) (lognormal)."""
     z = jax.random.normal(key, shape, jnp.float32)
     return 1.0 + sigma * z if distribution == "normal" else jnp.exp(sigma * z)
 
 
-def sample_chip(key, variability: VariabilityModel, template):
-    """Sample one chip: a pytree of weight factors shaped like ``template``.
-
-    ``template`` is any pytree of arrays with the analog kernels' structure
-    (usually ``analog_kernels(variables)``); only shapes are read. Layer ``i``
-    (in pytree-flatten order) draws its cells from ``fold_in(key_within, i)``,
-    so the result depends on nothing but the key and the shapes.
-    """
-    if not isinstance(variability, VariabilityModel):
-        raise ValueError(f"variability must be a VariabilityModel, got {type(variability)}")
-    leaves, treedef = jax.tree_util.tree_flatten(template)
-    if not leaves:
-        raise ValueError("template has no arrays: pass the model's analog kernels")
-    k_within = jax.random.fold_in(key, _WITHIN)
-    between = between_factors(key, variability, template)
-    factors = []
-    for i, (leaf, b) in enumerate(zip(leaves, jax.tree_util.tree_leaves(between), strict=True)):
-        f = jnp.ones(tuple(leaf.shape), jnp.float32)
-        if variability.sigma_within > 0:
-            f = _draw(jax.random.fold_in(k_within, i), f.shape, variability.sigma_within,
-                      variability.distribution)
-        factors.append(f * b if variability.sigma_between > 0 else f)
-    return jax.tree_util.tree_unflatten(treedef, factors)
-
-
-def between_factors(key, variability: VariabilityModel, template):
-    """The between-chip factors of the chip drawn from ``key``, one per layer of ``template``.
+def between_factors(key, variability: VariabilityModel, shapes) -> tuple:
+    """The between-chip factors of the chip drawn from ``key``, one per layer shape.
 
     Each is a scalar (granularity ``chip``, the same for every layer, or ``layer``) or a
     ``[1, ..., 1, out]`` array (``column``); all ones when ``sigma_between`` is 0. They are
-    the factors :func:`sample_chip` multiplies into that chip's cells.
+    the factors :meth:`VariabilityModel.sample` multiplies into that chip's cells.
     """
-    leaves, treedef = jax.tree_util.tree_flatten(template)
     k_between = jax.random.fold_in(key, _BETWEEN)
     sigma, dist, gran = (variability.sigma_between, variability.distribution,
                          variability.between_granularity)
     chip_factor = _draw(k_between, (), sigma, dist)
     out = []
-    for i, leaf in enumerate(leaves):
-        shape = tuple(leaf.shape)
+    for i, shape in enumerate(shapes):
+        shape = tuple(shape)
         if sigma == 0:
             out.append(jnp.ones((), jnp.float32))
         elif gran == "chip":
@@ -147,36 +153,14 @@ def between_factors(key, variability: VariabilityModel, template):
         else:  # "layer": one factor; "column": one per output column (the last axis)
             col_shape = () if gran == "layer" else (1,) * (len(shape) - 1) + shape[-1:]
             out.append(_draw(jax.random.fold_in(k_between, i + 1), col_shape, sigma, dist))
-    return jax.tree_util.tree_unflatten(treedef, out)
+    return tuple(out)
 
 
-def sign_flipped_chips(key, variability: VariabilityModel, template, num_chips: int):
-    """``[num_chips]`` bool: which chips have a negative between-chip factor somewhere.
+def sign_flipped(key, variability: VariabilityModel, shapes):
+    """Whether the chip drawn from ``key`` has a negative between-chip factor somewhere.
 
     A negative factor flips the sign of a whole layer (or column); only the ``normal``
-    distribution can draw one. Chip i is drawn as in :func:`sample_chips`.
+    distribution can draw one. vmap it over :func:`pimjax.devices.chip_keys` for many chips.
     """
-    def flipped(k):
-        leaves = jax.tree_util.tree_leaves(between_factors(k, variability, template))
-        return jnp.any(jnp.stack([jnp.any(b < 0) for b in leaves]))
-
-    return jax.vmap(flipped)(chip_keys(key, num_chips))
-
-
-def sample_chips(key, variability: VariabilityModel, template, num_chips: int):
-    """Sample ``num_chips`` chips stacked on a leading axis; chip i uses ``fold_in(key, i)``."""
-    keys = chip_keys(key, num_chips)
-    return jax.vmap(lambda k: sample_chip(k, variability, template))(keys)
-
-
-def chip_keys(key, num_chips: int, start: int = 0):
-    """Keys of chips ``start .. start+num_chips-1``: chip i's key is ``fold_in(key, i)``."""
-    if int(num_chips) <= 0:
-        raise ValueError(f"num_chips={num_chips!r} must be a positive integer")
-    idx = jnp.arange(start, start + num_chips, dtype=jnp.uint32)
-    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, idx)
-
-
-def nominal_chip(template):
-    """The variation-free chip: every factor is exactly one."""
-    return jax.tree_util.tree_map(lambda w: jnp.ones(jnp.shape(w), jnp.float32), template)
+    factors = between_factors(key, variability, shapes)
+    return jnp.any(jnp.stack([jnp.any(b < 0) for b in factors]))

@@ -1,0 +1,336 @@
+"""The training loop: one optax loop for fp, qat, vat, qavat, and the ptq calibration.
+
+:func:`train` takes a :class:`TrainConfig` and, optionally, the datasets (else it loads them
+from the config) and returns the final state with the per-epoch history, as Flax's
+``train_and_evaluate`` does. Given a ``workdir`` it also writes ``config.json``,
+``metrics.json``/``metrics.csv`` and orbax checkpoints (``checkpoints/<epoch>`` every epoch,
+``best/<epoch>`` by test accuracy), holding an exclusive lock on the directory; ``resume``
+continues from the last intact checkpoint.
+
+Everything random is a pure function of the seed: the data order of epoch ``e`` is a
+permutation seeded by ``(seed, e)``, the chip and augmentation of step ``s`` come from
+``fold_in(key, s)``. So a run resumed from a checkpoint ends with the same parameters as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from pimjax import checkpoint as ckpt_lib
+from pimjax import data as pdata
+from pimjax import files, montecarlo
+from pimjax.distributed import make_mesh, replicate, shard_batch
+from pimjax.progress import progress_bar
+from pimjax.train.batches import train_batches
+from pimjax.train.config import TrainConfig
+from pimjax.train.ptq import calibrate, init_from_float
+from pimjax.train.runs import check_resume_config, load_float_source
+from pimjax.train.state import TrainState, create_train_state
+from pimjax.train.steps import eval_step, train_step
+
+BATCH_AXIS = "batch"
+# PRNG streams split from the seed (fold_in tags).
+_INIT, _CHIPS, _AUGMENT, _EVAL_CHIPS, _READ = 0, 1, 2, 3, 4
+
+
+class TrainingDivergedError(FloatingPointError):
+    """Raised when the training loss becomes non-finite or explodes."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What :func:`train` returns: the final state, one metrics row per epoch, and a summary."""
+
+    state: TrainState
+    history: list[dict]
+    summary: dict
+
+
+def evaluate(state: TrainState, dataset: pdata.Dataset, batch_size: int | None = None,
+             mesh=None) -> dict:
+    """Test loss and accuracy of the state's nominal model (no chip) on ``dataset``."""
+    n = len(dataset)
+    bs = min(batch_size or state.config.eval.batch_size, n)
+    if mesh is not None:
+        bs = -(-bs // mesh.size) * mesh.size
+    sums = []
+    for start in range(0, n, bs):
+        images = dataset.images[start:start + bs]
+        labels = dataset.labels[start:start + bs]
+        mask = np.ones(len(labels), np.float32)
+        pad = bs - len(labels)
+        if pad:  # pad the last batch so one compiled program serves every batch
+            images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+            labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
+            mask = np.concatenate([mask, np.zeros(pad, np.float32)])
+        if mesh is not None:
+            images, labels, mask = shard_batch(mesh, images, labels, mask)
+        sums.append(eval_step(state, images, labels, mask))
+    correct = total_loss = 0.0
+    for c, loss in jax.device_get(sums):
+        correct += float(c)
+        total_loss += float(loss)
+    return {"loss": total_loss / n, "acc": correct / n}
+
+
+def evaluate_chips(state: TrainState, dataset: pdata.Dataset, key, mesh=None) -> np.ndarray:
+    """Test accuracy of ``state.config.eval.chips`` chips of the evaluation device."""
+    config = state.config
+    result = montecarlo.evaluate_chips(
+        state.model, state.variables, config.eval.device.build(), key, config.eval.chips,
+        dataset, mesh_devices=None if mesh is None else mesh.devices.flat, nominal=False,
+        progress=False)
+    return result.accuracy
+
+
+def load_data(config: TrainConfig) -> tuple[pdata.Dataset, pdata.Dataset]:
+    """The training and test splits the config names, warning when a limit exceeds a split."""
+    d = config.data
+    out = []
+    for split, limit in (("train", d.train_images), ("test", d.test_images)):
+        ds = pdata.load_dataset(d.name, split, d.data_dir, limit=limit)
+        if limit is not None and len(ds) < limit:
+            warnings.warn(f"data.{split}_images={limit} exceeds the {len(ds)} images of the "
+                          f"{d.name} {split} split: using {len(ds)}", stacklevel=3)
+        out.append(ds)
+    return out[0], out[1]
+
+
+def _check_dataset(config: TrainConfig, ds, what: str) -> None:
+    if not isinstance(ds, pdata.Dataset):
+        raise ValueError(f"{what} must be a pimjax.data.Dataset, got {type(ds).__name__}")
+    if ds.name != config.data.name:
+        raise ValueError(f"{what} is {ds.name!r} but the config trains on {config.data.name!r}")
+
+
+def train(config: TrainConfig, *, train_data: pdata.Dataset | None = None,
+          test_data: pdata.Dataset | None = None, workdir: str | os.PathLike | None = None,
+          resume: bool = False, stop_after: int | None = None, num_devices: int | None = None,
+          progress: bool = True, log_every: int = 20) -> TrainResult:
+    """Train (or, for ptq, calibrate) a model; return the final state and per-epoch history.
+
+    ``train_data``/``test_data``: the splits to use (default: loaded as the config says).
+    ``workdir``: where to write the config, metrics and checkpoints (None: nothing written).
+    ``resume`` continues from the last intact checkpoint of ``workdir``; ``stop_after`` ends
+    this call after that many epochs (as if interrupted). A loss that becomes non-finite or
+    exceeds ``config.max_loss_ratio`` times its first value raises
+    :class:`TrainingDivergedError` without saving that epoch.
+    """
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if resume and workdir is None:
+        raise ValueError("resume needs a workdir to resume from")
+    if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int)
+                                   or stop_after < 1):
+        raise ValueError(f"stop_after={stop_after!r} must be a positive integer or None")
+    local = jax.local_devices()
+    if num_devices is not None and not 1 <= num_devices <= len(local):
+        raise ValueError(f"num_devices={num_devices} must be in 1..{len(local)} (the local "
+                         "devices)")
+    mesh = make_mesh(BATCH_AXIS, local[:num_devices])
+    for name, value in (("optim.batch_size", config.optim.batch_size),
+                        ("eval.batch_size", config.eval.batch_size)):
+        if value % mesh.size:
+            raise ValueError(f"{name}={value} must be divisible by the {mesh.size} devices of "
+                             "the data-parallel mesh")
+    float_source = load_float_source(config) if config.train_method == "ptq" else None
+    for ds, what in ((train_data, "train_data"), (test_data, "test_data")):
+        if ds is not None:
+            _check_dataset(config, ds, what)
+    lock = files.run_lock(workdir) if workdir is not None else contextlib.nullcontext()
+    with lock:
+        return _train(config, train_data, test_data, workdir, resume, stop_after, mesh,
+                      float_source, progress, log_every)
+
+
+def _train(config, train_ds, test_ds, workdir, resume, stop_after, mesh, float_source, progress,
+           log_every) -> TrainResult:
+    store = None
+    if workdir is not None:
+        workdir = Path(workdir).absolute()
+        store = ckpt_lib.CheckpointStore(workdir)
+        if not resume and store.latest_epoch() is not None:
+            raise ValueError(f"{workdir} already holds checkpoints: pass resume=True (--resume) "
+                             "to continue, or choose a new output directory")
+    if train_ds is None or test_ds is None:
+        loaded = load_data(config)
+        train_ds = train_ds if train_ds is not None else loaded[0]
+        test_ds = test_ds if test_ds is not None else loaded[1]
+    root = jax.random.PRNGKey(config.seed)
+    init_key, chip_key, aug_key, eval_key, read_key = (
+        jax.random.fold_in(root, i) for i in (_INIT, _CHIPS, _AUGMENT, _EVAL_CHIPS, _READ))
+    sample = pdata.normalize(train_ds.images[:1], config.data.name)
+    state = create_train_state(config, init_key, sample, len(train_ds))
+    counts = {"train_images": len(train_ds), "test_images": len(test_ds)}
+
+    history: list[dict] = []
+    start_epoch = 0
+    if resume:
+        restored = store.restore_latest(state)
+        if restored is not None:
+            state, meta = restored
+            check_resume_config(config, meta["config"], workdir)
+            start_epoch = int(meta["epoch"])
+            history = [m for m in meta.get("history", []) if m["epoch"] <= start_epoch]
+    if workdir is not None:
+        files.write_json(workdir / "config.json", config.to_dict())
+    state = replicate(mesh, state)
+
+    if config.train_method == "ptq":
+        return _run_ptq(config, state, float_source, train_ds, test_ds, chip_key, eval_key,
+                        mesh, store, workdir, counts)
+
+    best_acc = max((m["test_acc"] for m in history), default=-1.0)
+    n_steps = len(train_ds) // config.optim.batch_size
+    first_loss = history[0].get("first_loss") if history else None
+    first_step_s = 0.0
+    epochs_run = 0
+    for epoch in range(start_epoch + 1, config.optim.epochs + 1):
+        if stop_after is not None and epochs_run >= stop_after:
+            break
+        t0 = time.perf_counter()
+        pending: list = []
+        sums = {"loss": 0.0, "acc": 0.0}
+        last_lr = float("nan")
+        bar = progress_bar(n_steps, f"epoch {epoch}/{config.optim.epochs}", progress)
+        for i, (images, labels) in enumerate(train_batches(train_ds, config.optim.batch_size,
+                                                           config.seed, epoch)):
+            batch = shard_batch(mesh, images, labels)
+            tc = time.perf_counter()
+            state, metrics = train_step(state, batch, chip_key, aug_key, read_key)
+            if epochs_run == 0 and i == 0:  # the first call compiles: time it apart
+                jax.block_until_ready(metrics)
+                first_step_s = time.perf_counter() - tc
+            pending.append(metrics)
+            if len(pending) >= log_every or i == n_steps - 1:
+                fetched = jax.device_get(pending)
+                if first_loss is None:
+                    first_loss = float(fetched[0]["loss"])
+                _check_loss(config, fetched, first_loss, epoch, i + 1 - len(pending), n_steps,
+                            store)
+                for m in fetched:
+                    sums["loss"] += float(m["loss"])
+                    sums["acc"] += float(m["acc"])
+                last_lr = float(fetched[-1].get("lr", float("nan")))
+                bar.update(len(pending))
+                pending = []
+                seen = i + 1
+                bar.set_postfix(loss=f"{sums['loss'] / seen:.4f}", acc=f"{sums['acc'] / seen:.4f}")
+        bar.close()
+        train_time = time.perf_counter() - t0 - (first_step_s if epochs_run == 0 else 0.0)
+        te = time.perf_counter()
+        test = evaluate(state, test_ds, mesh=mesh)
+        row = {
+            "epoch": epoch, "step": int(state.step),
+            "lr": last_lr,  # of the epoch's last step
+            "train_loss": sums["loss"] / n_steps, "train_acc": sums["acc"] / n_steps,
+            "test_loss": test["loss"], "test_acc": test["acc"],
+        }
+        if config.eval.chips:
+            accs = evaluate_chips(state, test_ds, eval_key, mesh)
+            row.update(test_acc_chips_mean=float(accs.mean()), test_acc_chips_min=float(accs.min()))
+        steps_timed = n_steps - (epochs_run == 0)
+        row.update(
+            epoch_time_s=train_time, eval_time_s=time.perf_counter() - te,
+            images_per_s=steps_timed * config.optim.batch_size / max(train_time, 1e-9),
+            first_step_s=first_step_s if epochs_run == 0 else 0.0,  # includes the compile
+            first_loss=first_loss, **counts,
+        )
+        history.append(row)
+        is_best = row["test_acc"] > best_acc
+        best_acc = max(best_acc, row["test_acc"])
+        if store is not None:
+            _save(store, state, config, epoch, history, is_best)
+            _write_metrics(workdir, history)
+        epochs_run += 1
+        if progress:
+            print(_format_row(row), flush=True)
+    summary = dict(history[-1]) if history else {}
+    summary.update(best_test_acc=best_acc, best_epoch=_best_epoch(history),
+                   workdir=None if workdir is None else str(workdir), num_devices=mesh.size)
+    return TrainResult(state, history, summary)
+
+
+def _run_ptq(config, state, float_source, train_ds, test_ds, chip_key, eval_key, mesh, store,
+             workdir, counts) -> TrainResult:
+    """ptq: load the float weights, recalibrate under sampled chips, evaluate, save."""
+    _, float_vars = float_source
+    state = replicate(mesh, init_from_float(state, float_vars))
+    t0 = time.perf_counter()
+    state = calibrate(state, train_ds, chip_key, config.ptq.calib_batches, mesh)
+    jax.block_until_ready(state.batch_stats)
+    calib_s = time.perf_counter() - t0
+    test = evaluate(state, test_ds, mesh=mesh)
+    row = {"epoch": 0, "step": 0, "lr": 0.0, "train_loss": None, "train_acc": None,
+           "test_loss": test["loss"], "test_acc": test["acc"]}
+    if config.eval.chips:
+        accs = evaluate_chips(state, test_ds, eval_key, mesh)
+        row.update(test_acc_chips_mean=float(accs.mean()), test_acc_chips_min=float(accs.min()))
+    row.update(calib_time_s=calib_s,
+               calib_images=config.ptq.calib_batches * config.optim.batch_size, **counts)
+    history = [row]
+    if store is not None:
+        _save(store, state, config, 0, history, True)
+        _write_metrics(workdir, history)
+    summary = dict(row)
+    summary.update(best_test_acc=row["test_acc"], best_epoch=0,
+                   workdir=None if workdir is None else str(workdir), num_devices=mesh.size)
+    return TrainResult(state, history, summary)
+
+
+def _check_loss(config, fetched, first_loss, epoch, first_step, n_steps, store) -> None:
+    """Raise TrainingDivergedError on a non-finite loss or one above max_loss_ratio x first."""
+    limit = None if config.max_loss_ratio is None else config.max_loss_ratio * abs(first_loss)
+    for j, m in enumerate(fetched):
+        loss = float(m["loss"])
+        exploded = limit is not None and math.isfinite(loss) and loss > limit
+        if math.isfinite(loss) and not exploded:
+            continue
+        last = None if store is None else store.latest_epoch()
+        where = (f"the last good checkpoint is {store.last_dir / str(last)} (epoch {last})"
+                 if last is not None else "no checkpoint was written")
+        what = (f"is {loss}" if not exploded else
+                f"{loss:.4g} exceeds {config.max_loss_ratio:g} x its first value {first_loss:.4g}")
+        raise TrainingDivergedError(
+            f"training diverged: the loss {what} at epoch {epoch}, step "
+            f"{first_step + j + 1}/{n_steps}; stopped without saving this epoch ({where}). "
+            "Lower --optim.lr, or set --optim.grad-clip, then rerun")
+
+
+def _save(store, state, config, epoch, history, is_best) -> None:
+    leaves = jax.device_get(jax.tree.leaves((state.params, state.batch_stats, state.opt_state)))
+    if not all(np.isfinite(x).all() for x in leaves if np.issubdtype(x.dtype, np.floating)):
+        raise TrainingDivergedError(
+            f"training diverged: non-finite parameters after epoch {epoch}, not saved. Lower "
+            "--optim.lr, or set --optim.grad-clip, then rerun")
+    meta = {"epoch": epoch, "config": config.to_dict(), "history": history,
+            "metrics": history[-1]}
+    store.save(epoch, state, meta, best=is_best)
+
+
+def _best_epoch(history):
+    return max(history, key=lambda m: m["test_acc"])["epoch"] if history else None
+
+
+def _format_row(row: dict) -> str:
+    parts = [f"epoch {row['epoch']}", f"train_loss {row['train_loss']:.4f}",
+             f"train_acc {row['train_acc']:.4f}", f"test_acc {row['test_acc']:.4f}"]
+    if "test_acc_chips_mean" in row:
+        parts.append(f"chips_mean {row['test_acc_chips_mean']:.4f}")
+    parts += [f"{row['images_per_s']:.0f} img/s", f"{row['epoch_time_s']:.1f}s"]
+    return " | ".join(parts)
+
+
+def _write_metrics(workdir: Path, history: list[dict]) -> None:
+    files.write_json(workdir / "metrics.json", history)
+    files.write_csv(workdir / "metrics.csv", history)
