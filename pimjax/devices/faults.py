@@ -51,7 +51,7 @@ class StuckAt:
         out = []
         for i, leaf in enumerate(leaves):
             kp, km = jax.random.split(jax.random.fold_in(key, i))
-            shape = tuple(jnp.shape(leaf))
+            shape = tuple(jnp.shape(leaf))  # an array or a jax.ShapeDtypeStruct
             out.append({"plus": jax.random.uniform(kp, shape, jnp.float32),
                         "minus": jax.random.uniform(km, shape, jnp.float32)})
         return jax.tree_util.tree_unflatten(treedef, out)

@@ -35,7 +35,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pimjax.devices.mapping import broadcast_scale
+from pimjax.devices.mapping import broadcast_scale, mapping_scale
 from pimjax.quant import round_ste
 
 NOISE_MANAGEMENTS = ("abs_max", "none")
@@ -118,6 +118,7 @@ class Periphery:
     bound_management: str = "none"
     max_bm_factor: int = 1000
     max_bm_res: float = 0.25
+    per_column: bool = False  # the weight normalisation (mapping scale) per output column
 
     def __post_init__(self):
         for field in ("inp_bits", "out_bits"):
@@ -191,6 +192,18 @@ class Periphery:
         for r in range(self.bm_rounds - 2, -1, -1):  # the first round that does not clip
             y = jnp.where(clipping[r], y, outs[r])
         return y
+
+    def forward(self, x, w_eff, w_nominal, key=None, conv=None):
+        """One analog layer's MVM: ``w_eff`` (the chip's weights, ``[C, *kernel]`` for a chip
+        batch) normalised by the mapping scale of the quantized kernel ``w_nominal``; ``conv``
+        is the ``(strides, padding)`` of a conv layer, None for a dense one."""
+        scale = mapping_scale(w_nominal, self.per_column)
+        if jnp.ndim(w_eff) > jnp.ndim(w_nominal):  # a chip batch: one scale per chip
+            scale = jnp.broadcast_to(scale, (w_eff.shape[0], *scale.shape))
+        if conv is None:
+            return self.matmul(x, w_eff, scale, key)
+        strides, padding = conv
+        return self.conv2d(x, w_eff, scale, strides, padding, key)
 
     def matmul(self, x, w, scale, key=None):
         """``x @ w`` through the periphery: ``x [..., K]``, ``w [K, N]``, ``scale`` () or (N,).
