@@ -36,6 +36,7 @@ import logging
 import os
 import re
 import sys
+from typing import NoReturn
 
 import jax
 import numpy as np
@@ -141,6 +142,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
             if "coordinator_address" not in str(e):
                 raise
             return
+        log.info("joined the multi-process run jax.distributed detected")
     else:
         if num_processes == 1:
             return
@@ -149,11 +151,12 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         # each process to one local GPU).
         jax.distributed.initialize(coordinator, int(num_processes), int(process_id),
                                    cluster_detection_method="deactivate", **timeouts)
-    log.info("process %d of %d joined the run coordinated at %s", jax.process_index(),
-             jax.process_count(), coordinator or "(auto-detected)")
+        # (not jax.process_count(): that would start the backends here)
+        log.info("process %d of %d joined the run coordinated at %s", process_id,
+                 num_processes, coordinator)
 
 
-def exit_now(code: int) -> None:
+def exit_now(code: int) -> NoReturn:
     """End this process with ``code``; in a multi-process run skip JAX's exit barrier.
 
     Output is flushed, but no other ``atexit`` handler runs: call it after reporting the

@@ -146,7 +146,8 @@ def compute(out: Path) -> None:
 def start(scenario: str, out: Path, *extra: str, num_processes: int = 2, local_devices: int = 2,
           ids=None, slurm: bool = False) -> list:
     """Start processes ``ids`` (default: all) of a ``num_processes`` run on a free localhost
-    port, each with ``local_devices`` CPU devices and its output in ``out/log<i>.txt``.
+    port, each with ``local_devices`` CPU devices (even where a GPU is) and its output in
+    ``out/log<i>.txt``.
 
     ``slurm``: give the processes no flags but the variables ``srun`` sets, so that
     jax.distributed's SLURM auto-detection finds the run.
@@ -155,7 +156,7 @@ def start(scenario: str, out: Path, *extra: str, num_processes: int = 2, local_d
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")  # gloo on CPU devices, even on a GPU host
     flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
     env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={local_devices}".strip()
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
@@ -212,6 +213,8 @@ def main() -> None:
                            heartbeat_timeout=args.heartbeat_timeout,
                            initialization_timeout=args.initialization_timeout,
                            shutdown_timeout=args.shutdown_timeout)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
     try:
         if args.scenario == "compute":
             compute(args.out)

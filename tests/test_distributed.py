@@ -80,9 +80,10 @@ def test_global_sum_and_gather_match_one_process(computed):
 def test_per_index_draws_bit_identical_to_one_process(computed):
     results, _ = computed
     n = results[0]["normal"].shape[0]
-    key = jax.random.PRNGKey(worker.DRAW_KEY)
-    normal, uniform = jax.jit(jax.vmap(lambda j: worker.draws(key, j)))(
-        jnp.arange(n, dtype=jnp.uint32))
+    with jax.default_device(jax.devices("cpu")[0]):  # the workers' platform
+        key = jax.random.PRNGKey(worker.DRAW_KEY)
+        normal, uniform = jax.jit(jax.vmap(lambda j: worker.draws(key, j)))(
+            jnp.arange(n, dtype=jnp.uint32))
     for r in results:
         np.testing.assert_array_equal(r["normal"], np.asarray(normal))
         np.testing.assert_array_equal(r["uniform"], np.asarray(uniform))
