@@ -9,3 +9,7 @@
 They live in the package (not next to the scripts) so that scripts, tests, notebooks and
 user code import them the same way, from an installed pimjax, with no path set-up.
 """
+
+from pimjax.configs import claims, montecarlo, quickstart, setups
+
+__all__ = ["claims", "montecarlo", "quickstart", "setups"]
