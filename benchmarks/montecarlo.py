@@ -199,7 +199,7 @@ def main(argv=None):
     p.add_argument("--loop-chips", type=int, default=20, help="chips timed for (b)")
     p.add_argument("--repeat", type=int, default=1, help="timed repeats (best of)")
     p.add_argument("--budget-mb", type=int, default=1024, help="memory budget per device")
-    p.add_argument("--data-dir", default=os.environ.get("PIMJAX_DATA", "/work/shared/data"))
+    p.add_argument("--data-dir", default=None, help="dataset folder (default: $PIMJAX_DATA_DIR)")
     args = p.parse_args(argv)
     args.budget = args.budget_mb * 2**20
     peak = sgemm_gflops()
