@@ -248,8 +248,7 @@ class Output:
     """Where a claim experiment writes its results and models, and how it reports."""
 
     out: Path | None = None
-    """output folder (default: results/<claim>/<setup>[-<dataset>]; with --smoke
-    runs/smoke/<claim>/...)"""
+    """output folder (default: results/<claim>/<setup>[-<dataset>], --smoke: runs/smoke/...)"""
     runs: Path | None = None
     """folder of the trained models, reused across runs and claims (default: <out>/runs)"""
     progress: bool = True

@@ -55,6 +55,10 @@ class Args:
             value = getattr(self, field)
             if value is not None and (isinstance(value, bool) or value < 1):
                 raise ValueError(f"--{field.replace('_', '-')}={value} must be an integer >= 1")
+        n, batch = self.config.data.train_images, self.config.optim.batch_size
+        if n is not None and n < batch:
+            raise ValueError(f"--data.train-images {n} is below --optim.batch-size {batch}: an "
+                             "epoch would have no step")
 
 
 def defaults(argv: list[str]) -> Args:

@@ -154,6 +154,7 @@ BAD_FLAGS = [
     (claim2, ["--granularities", "wafer"], "invalid choice 'wafer'"),
     (claim2, ["--dataset", "cifar10"], "use one of ['mnist', 'fashion_mnist']"),
     (claim2, ["--fractions", "1.5"], "--fractions has [1.5]"),
+    (claim2, ["--smoke", "--train-images", "16"], "below --batch-size 32"),
     (claim3, ["--tunes", "magic"], "invalid choice 'magic'"),
     (claim3, ["--calib-images", "0"], "--calib-images=0"),
     (quickstart_script, ["--chips", "0"], "--chips=0"),
@@ -163,6 +164,7 @@ BAD_FLAGS = [
     (montecarlo_script, [], "missing required flag(s): --checkpoint"),
     (train_script, ["--out", "x", "--train-method", "qat"], "trains a quantized model"),
     (train_script, ["--out", "x", "--stop-after", "0"], "--stop-after=0"),
+    (train_script, ["--out", "x", "--data.train-images", "100"], "below --optim.batch-size"),
     (train_script, ["--out", "x", "--quant.weight-bits", "9"], "--quant: weight_bits=9"),
 ]
 

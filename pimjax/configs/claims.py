@@ -26,8 +26,7 @@ class ClaimRun:
     """What every claim experiment trains and evaluates on: the setup, the data and the sizes."""
 
     setup: setups.SetupName = "lenet5"
-    """model, dataset and training recipe; also sets the defaults of --epochs, --chips,
-    --test-images and --batch-size"""
+    """model, dataset and recipe; also sets the defaults of the size flags below"""
     dataset: DatasetName | None = None
     """the dataset (default: the setup's), e.g. fashion_mnist for lenet5"""
     data_dir: str | None = None
@@ -54,6 +53,9 @@ class ClaimRun:
         for field in ("train_images", "test_images"):
             checks.positive(field, getattr(self, field), allow_none=True)
         check_int("--seed", self.seed, 0)
+        if self.train_images is not None and self.train_images < self.batch_size:
+            raise ValueError(f"--train-images {self.train_images} is below --batch-size "
+                             f"{self.batch_size}: an epoch would have no step")
         shape, want = data.info(self.dataset_name).image_shape, setup.model.input_shape
         if tuple(shape) != tuple(want):
             ok = [d for d in data.DATASETS if tuple(data.info(d).image_shape) == tuple(want)]

@@ -51,6 +51,10 @@ class Quickstart:
         for field in ("train_images", "test_images"):
             checks.positive(field, getattr(self, field), allow_none=True)
         check_int("--seed", self.seed, 0)
+        batch = setups.lenet5().optim.batch_size
+        if self.train_images is not None and self.train_images < batch:
+            raise ValueError(f"--train-images {self.train_images} is below the batch size "
+                             f"{batch}: an epoch would have no step")
         checks.sigmas("train_sigma", (self.train_sigma,))
         if self.train_sigma <= 0:
             raise ValueError("--train-sigma must be > 0: qavat trains under variation")
