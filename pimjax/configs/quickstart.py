@@ -6,7 +6,7 @@ import dataclasses
 from typing import Literal
 
 from pimjax import selftune
-from pimjax.configs import checks, setups
+from pimjax.configs import checks, claims, setups
 from pimjax.devices import DISTRIBUTIONS, GRANULARITIES, DeviceConfig
 from pimjax.quant import QuantConfig
 from pimjax.train import TrainConfig
@@ -25,6 +25,7 @@ class Quickstart:
     test_images: int | None = 200
     """the first N test images, scored on every chip (None: all 10,000)"""
     chips: int = 1000
+    batch_size: int = 128
     train_sigma: float = 0.3
     """qavat's training sigma_within"""
     sigma_within: float = 0.2
@@ -46,15 +47,14 @@ class Quickstart:
         if QuantConfig.parse(self.quant).is_float:
             raise ValueError(f"--quant {self.quant} is float: the quickstart compares quantized "
                              "models (e.g. --quant W2A4)")
-        for field in ("epochs", "chips", "calib_images"):
+        for field in ("epochs", "chips", "batch_size", "calib_images"):
             checks.positive(field, getattr(self, field))
         for field in ("train_images", "test_images"):
             checks.positive(field, getattr(self, field), allow_none=True)
         check_int("--seed", self.seed, 0)
-        batch = setups.lenet5().optim.batch_size
-        if self.train_images is not None and self.train_images < batch:
-            raise ValueError(f"--train-images {self.train_images} is below the batch size "
-                             f"{batch}: an epoch would have no step")
+        if self.train_images is not None and self.train_images < self.batch_size:
+            raise ValueError(f"--train-images {self.train_images} is below --batch-size "
+                             f"{self.batch_size}: an epoch would have no step")
         checks.sigmas("train_sigma", (self.train_sigma,))
         if self.train_sigma <= 0:
             raise ValueError("--train-sigma must be > 0: qavat trains under variation")
@@ -74,12 +74,16 @@ class Quickstart:
         sigma = self.train_sigma if train_method == "qavat" else 0.0
         return setups.lenet5().train_config(
             train_method, self.quant, sigma, epochs=self.epochs, train_images=self.train_images,
-            test_images=self.test_images, seed=self.seed)
+            test_images=self.test_images, batch_size=self.batch_size, seed=self.seed)
 
 
 def quickstart(smoke: bool = False) -> Quickstart:
-    """The quickstart's defaults: under 5 minutes on two CPU cores (smoke: seconds)."""
+    """The quickstart's defaults: under 5 minutes on two CPU cores (smoke: seconds, the claim
+    experiments' smoke sizes, so that their compiled programs are shared)."""
     if smoke:
-        return Quickstart(epochs=1, train_images=512, test_images=128, chips=16, calib_images=64,
+        s = claims.SMOKE
+        return Quickstart(epochs=s["epochs"], train_images=s["train_images"],
+                          test_images=s["test_images"], chips=s["chips"],
+                          batch_size=s["batch_size"], train_sigma=0.2, calib_images=64,
                           smoke=True)
     return Quickstart()
