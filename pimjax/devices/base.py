@@ -40,6 +40,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from pimjax import draws
+
 PART_STREAM = 1 << 16  # fold_in tags of weight parts after the first (see part_key)
 
 
@@ -151,15 +153,12 @@ class ChipLayer:
 
 def fold_keys(keys, data: int):
     """``fold_in(k, data)`` of every key of a key array of any shape."""
-    keys = jnp.asarray(keys)
-    flat = keys.reshape(-1)
-    out = jax.vmap(lambda k: jax.random.fold_in(k, data))(flat)
-    return out.reshape(keys.shape)
+    return draws.fold_in(keys, data)
 
 
 def part_key(key, index: int):
     """The key weight part ``index`` of a device samples from (part 0: the chip key itself)."""
-    return key if index == 0 else jax.random.fold_in(key, PART_STREAM + index)
+    return key if index == 0 else draws.fold_in(key, PART_STREAM + index)
 
 
 COMPENSATION_STREAM = PART_STREAM - 1  # fold_in tag of the compensation's state
@@ -184,7 +183,7 @@ def sample_chip(key, device: Device, template):
     comp = [None] * len(leaves)
     if device.compensation is not None:
         comp = treedef.flatten_up_to(device.compensation.sample(
-            jax.random.fold_in(key, COMPENSATION_STREAM), template))
+            draws.fold_in(key, COMPENSATION_STREAM), template))
     layers = [ChipLayer(tuple(p[i] for p in per_part), jnp.zeros((), jnp.float32), comp[i],
                         None, device, tuple(jnp.shape(leaf)), i)
               for i, leaf in enumerate(leaves)]
@@ -196,7 +195,7 @@ def chip_keys(key, num_chips: int, start: int = 0):
     if int(num_chips) <= 0:
         raise ValueError(f"num_chips={num_chips!r} must be a positive integer")
     idx = jnp.arange(start, start + num_chips, dtype=jnp.uint32)
-    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, idx)
+    return draws.fold_in(key, idx)
 
 
 def sample_chips(key, device: Device, template, num_chips: int):
@@ -225,11 +224,12 @@ def read_keys(chip_keys, image_ids, stream: int = 0):
     draws the same noise for it whatever its chunking; ``stream`` separates uses (0:
     evaluation, 1: self-tuning's calibration reads).
     """
-    def per_chip(k):
-        root = jax.random.fold_in(jax.random.fold_in(k, READ_STREAM), stream)
-        return jax.vmap(lambda n: jax.random.fold_in(root, n))(image_ids)
-
-    return jax.vmap(per_chip)(chip_keys)
+    chip_keys = jnp.asarray(chip_keys) if not isinstance(chip_keys, jax.Array) else chip_keys
+    root = draws.key_data(draws.fold_in(draws.fold_in(chip_keys, READ_STREAM), stream))
+    out = draws.fold_in(root[..., None, :], jnp.asarray(image_ids, jnp.uint32))  # [C, B, 2]
+    if jax.dtypes.issubdtype(chip_keys.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(out, impl=jax.random.key_impl(chip_keys))
+    return out
 
 
 def with_read_keys(chip, keys):

@@ -20,6 +20,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from pimjax import draws
 from pimjax.devices.mapping import broadcast_scale, mapping_scale
 from pimjax.devices.periphery import clip, quantize_uniform
 
@@ -33,8 +34,8 @@ class GlobalDriftCompensation:
     def sample(self, key, template):
         """Chip state: the output-noise normals of the two reference reads of every layer."""
         leaves, treedef = jax.tree_util.tree_flatten(template)
-        out = [jax.random.normal(jax.random.fold_in(key, i), (2, *jnp.shape(leaf)), jnp.float32)
-               for i, leaf in enumerate(leaves)]
+        out = draws.normals([draws.fold_in(key, i) for i in range(len(leaves))],
+                            [(2, *jnp.shape(leaf)) for leaf in leaves])
         return jax.tree_util.tree_unflatten(treedef, out)
 
     def readout(self, w_eff, w_nominal, periphery, z):

@@ -18,6 +18,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from pimjax import draws
 from pimjax.devices.mapping import broadcast_scale, from_pair, mapping_scale, to_pair
 
 
@@ -50,10 +51,10 @@ class StuckAt:
             raise ValueError("template has no arrays: pass the model's analog kernels")
         out = []
         for i, leaf in enumerate(leaves):
-            kp, km = jax.random.split(jax.random.fold_in(key, i))
+            pair = draws.split(draws.fold_in(key, i))
+            kp, km = pair[..., 0, :], pair[..., 1, :]
             shape = tuple(jnp.shape(leaf))  # an array or a jax.ShapeDtypeStruct
-            out.append({"plus": jax.random.uniform(kp, shape, jnp.float32),
-                        "minus": jax.random.uniform(km, shape, jnp.float32)})
+            out.append({"plus": draws.uniform(kp, shape), "minus": draws.uniform(km, shape)})
         return jax.tree_util.tree_unflatten(treedef, out)
 
     def stick(self, u_plus, u_minus, state):

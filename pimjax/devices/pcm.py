@@ -37,6 +37,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from pimjax import draws
 from pimjax.devices.faults import StuckAt
 from pimjax.devices.mapping import broadcast_scale, from_pair, mapping_scale, to_pair
 
@@ -142,14 +143,15 @@ class PCM:
         leaves, treedef = jax.tree_util.tree_flatten(template)
         if not leaves:
             raise ValueError("template has no arrays: pass the model's analog kernels")
+        layer_keys = [draws.fold_in(key, i) for i in range(len(leaves))]
+        keys = [draws.fold_in(k, s) for k in layer_keys for s in range(len(STREAMS))]
+        shapes = [tuple(jnp.shape(leaf)) for leaf in leaves for _ in STREAMS]
+        zs = iter(draws.normals(keys, shapes))  # every layer and stream in one fused draw
         out = []
-        for i, leaf in enumerate(leaves):
-            k = jax.random.fold_in(key, i)
-            shape = tuple(jnp.shape(leaf))
-            state = {name: jax.random.normal(jax.random.fold_in(k, s), shape, jnp.float32)
-                     for s, name in enumerate(STREAMS)}
+        for k, leaf in zip(layer_keys, leaves, strict=True):
+            state = {name: next(zs) for name in STREAMS}
             if self.stuck is not None:
-                state["stuck"] = self.stuck.sample(jax.random.fold_in(k, _STUCK_STREAM), leaf)
+                state["stuck"] = self.stuck.sample(draws.fold_in(k, _STUCK_STREAM), leaf)
             out.append(state)
         return jax.tree_util.tree_unflatten(treedef, out)
 

@@ -98,6 +98,9 @@ def read_noise(key, shape, draws: int = 1):
     if tuple(shape[:nb]) != tuple(key.shape):
         raise ValueError(
             f"key batch shape {key.shape} must be a prefix of the output shape {tuple(shape)}")
+    # jax.random's own draw (not pimjax.draws): on CPU its hash is a loop whose output is
+    # materialized once; an unrolled hash would be fused into, and recomputed by, each of
+    # the noise's consumers (a max pool reads every output four times)
     flat = key.reshape(-1)
     z = jax.vmap(lambda k: jax.random.normal(k, (draws, *shape[nb:]), jnp.float32))(flat)
     z = z.reshape((*key.shape, draws, *shape[nb:]))

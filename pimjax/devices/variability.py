@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pimjax import draws
+
 GRANULARITIES = ("chip", "layer", "column")
 DISTRIBUTIONS = ("normal", "lognormal")
 
@@ -105,15 +107,16 @@ class VariabilityModel:
         leaves, treedef = jax.tree_util.tree_flatten(template)
         if not leaves:
             raise ValueError("template has no arrays: pass the model's analog kernels")
-        k_within = jax.random.fold_in(key, _WITHIN)
+        k_within = draws.fold_in(key, _WITHIN)
         between = jax.tree_util.tree_leaves(between_factors(key, self, template))
-        factors = []
-        for i, (leaf, b) in enumerate(zip(leaves, between, strict=True)):
-            f = jnp.ones(tuple(jnp.shape(leaf)), jnp.float32)
-            if self.sigma_within > 0:
-                f = _draw(jax.random.fold_in(k_within, i), f.shape, self.sigma_within,
-                          self.distribution)
-            factors.append(f * b if self.sigma_between > 0 else f)
+        shapes = [tuple(jnp.shape(leaf)) for leaf in leaves]
+        if self.sigma_within > 0:  # all layers in one fused draw (pimjax.draws)
+            zs = draws.normals([draws.fold_in(k_within, i) for i in range(len(leaves))], shapes)
+            within = [_factor(z, self.sigma_within, self.distribution) for z in zs]
+        else:
+            within = [jnp.ones(s, jnp.float32) for s in shapes]
+        factors = [f * b if self.sigma_between > 0 else f
+                   for f, b in zip(within, between, strict=True)]
         return jax.tree_util.tree_unflatten(treedef, factors)
 
     def apply(self, w, state, t):
@@ -133,9 +136,8 @@ def _as_float(value, field: str) -> float:
     raise ValueError(f"{field}={value!r} must be a number >= 0")
 
 
-def _draw(key, shape, sigma, distribution):
-    """A within-chip factor: 1 + sigma*z (normal) or exp(sigma*z) (lognormal)."""
-    z = jax.random.normal(key, shape, jnp.float32)
+def _factor(z, sigma, distribution):
+    """A factor from standard normals z: 1 + sigma*z (normal) or exp(sigma*z) (lognormal)."""
     return 1.0 + sigma * z if distribution == "normal" else jnp.exp(sigma * z)
 
 
@@ -143,9 +145,8 @@ def _draw_between(key, shape, sigma, distribution):
     """A between-chip gain: 1 + sigma*z with z truncated to z > -1/sigma (normal), so that
     the gain stays positive, or exp(sigma*z) (lognormal)."""
     if distribution != "normal":
-        return _draw(key, shape, sigma, distribution)
-    z = jax.random.truncated_normal(key, -1.0 / sigma, jnp.inf, shape, jnp.float32)
-    return 1.0 + sigma * z
+        return _factor(draws.normal(key, shape), sigma, distribution)
+    return 1.0 + sigma * draws.truncated_normal(key, -1.0 / sigma, shape)
 
 
 def _truncated_between_moments(sigma: float) -> tuple[float, float]:
@@ -169,7 +170,7 @@ def between_factors(key, variability: VariabilityModel, template):
     ``[1, ..., 1, out]`` array (``column``); all ones when ``sigma_between`` is 0. They are
     the factors :meth:`VariabilityModel.sample` multiplies into that chip's cells.
     """
-    k_between = jax.random.fold_in(key, _BETWEEN)
+    k_between = draws.fold_in(key, _BETWEEN)
     sigma, dist, gran = (variability.sigma_between, variability.distribution,
                          variability.between_granularity)
     chip_factor = _draw_between(k_between, (), sigma, dist) if sigma else None
@@ -183,6 +184,6 @@ def between_factors(key, variability: VariabilityModel, template):
             out.append(chip_factor)
         else:  # "layer": one factor; "column": one per output column (the last axis)
             col_shape = () if gran == "layer" else (1,) * (len(shape) - 1) + shape[-1:]
-            out.append(_draw_between(jax.random.fold_in(k_between, i + 1), col_shape, sigma,
+            out.append(_draw_between(draws.fold_in(k_between, i + 1), col_shape, sigma,
                                      dist))
     return jax.tree_util.tree_unflatten(treedef, out)

@@ -1,0 +1,113 @@
+"""Time to the first Monte-Carlo result in a fresh process: cold and warm compile cache.
+
+Each measurement is a new Python process that builds a model, runs
+:func:`pimjax.montecarlo.evaluate_chips` once (tracing + compiling + running) and then again
+(running only); compile time = first - second. *Cold*: an empty persistent compilation cache
+(``runtime.configure(compile_cache=<new dir>)``); *warm*: the same directory again, as a
+second run of a script finds it. Cold and warm alternate over ``--repeat`` fresh cache
+directories; medians are printed.
+
+    PYTHONPATH=. python benchmarks/compile_time.py
+    PYTHONPATH=. python benchmarks/compile_time.py --models lenet5 --devices paper,pcm
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def child(name: str, device_name: str, chips: int, images: int, cache: str) -> int:
+    """(child process) One sweep twice; prints ``{"first", "second", "import"}`` seconds."""
+    start = time.perf_counter()
+    from pimjax import runtime
+
+    runtime.configure(compile_cache=cache)
+    import jax
+    import numpy as np
+
+    from pimjax import devices, montecarlo
+    from pimjax.models import get_model
+
+    imported = time.perf_counter() - start
+    model = get_model(name, quant="W2A4")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(images, *model.input_shape)).astype(np.float32)
+    y = rng.integers(0, 10, images).astype(np.int32)
+    device = devices.paper(0.3) if device_name == "paper" else devices.pcm()
+    # variables without compiling model.init: abstract shapes filled by NumPy, calibrated clips
+    abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), x[:1])
+
+    def fill(path, leaf):
+        key = str(getattr(path[-1], "key", path[-1]))
+        if key in ("act_max", "var", "scale", "gain"):
+            return np.ones(leaf.shape, leaf.dtype) * (3.0 if key == "act_max" else 1.0)
+        if key == "act_min":
+            return np.full(leaf.shape, -1.0, leaf.dtype)
+        if key == "kernel":
+            return (rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))).astype(
+                leaf.dtype)
+        return np.zeros(leaf.shape, leaf.dtype)
+
+    variables = jax.tree_util.tree_map_with_path(fill, abstract)
+    times = []
+    for _ in range(2):
+        t = time.perf_counter()
+        montecarlo.evaluate_chips(model, variables, device, jax.random.PRNGKey(1), chips, (x, y),
+                                  nominal=False, progress=False)
+        times.append(time.perf_counter() - t)
+    print(json.dumps({"first": times[0], "second": times[1], "import": imported}))
+    return 0
+
+
+def run_child(args, name, device, cache) -> dict:
+    cmd = [sys.executable, __file__, "--child", name, device, str(args.chips[name]),
+           str(args.images[name]), cache]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+    if out.returncode:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    p.add_argument("--models", default="lenet5,resnet20")
+    p.add_argument("--devices", default="paper", help="paper and/or pcm")
+    p.add_argument("--repeat", type=int, default=2, help="cold/warm pairs (median)")
+    args = p.parse_args(argv)
+    if args.child:
+        name, device, chips, images, cache = args.child
+        return child(name, device, int(chips), int(images), cache)
+    args.chips = {"lenet5": 100, "resnet20": 16, "vgg11": 16, "resnet18": 4}
+    args.images = {"lenet5": 1000, "resnet20": 256, "vgg11": 256, "resnet18": 64}
+    print(f"{os.cpu_count()} cores; each figure: median over {args.repeat} fresh processes")
+    print("model     device  chips x images   cold: first  compile | warm: first  compile "
+          "| steady sweep")
+    for name in args.models.split(","):
+        for device in args.devices.split(","):
+            cold, warm = [], []
+            for _ in range(args.repeat):
+                cache = tempfile.mkdtemp(prefix="pimjax-compile-bench-")
+                try:
+                    cold.append(run_child(args, name, device, cache))
+                    warm.append(run_child(args, name, device, cache))
+                finally:
+                    shutil.rmtree(cache, ignore_errors=True)
+            med = lambda rows, k: statistics.median(r[k] for r in rows)  # noqa: E731
+            comp = lambda rows: statistics.median(r["first"] - r["second"] for r in rows)  # noqa: E731
+            print(f"{name:9s} {device:7s} {args.chips[name]:>5d} x {args.images[name]:<6d} "
+                  f"{med(cold, 'first'):10.1f}s {comp(cold):7.1f}s | {med(warm, 'first'):9.1f}s "
+                  f"{comp(warm):7.1f}s | {med(cold + warm, 'second'):6.1f}s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

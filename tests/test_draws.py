@@ -1,0 +1,69 @@
+"""pimjax.draws against jax.random itself: the same bits for every draw, key kind and shape."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pimjax import devices, draws
+
+KEYS = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.PRNGKey(3),
+                                               jnp.arange(5, dtype=jnp.uint32))
+SHAPES = [(), (1,), (7,), (3, 4), (5, 5, 2, 3)]
+
+
+def _ref(draw):
+    """jax.random's draw over the key batch, jitted as the library's callers are."""
+    return jax.jit(jax.vmap(draw))(KEYS)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_normal_and_uniform_equal_jax_random_bit_for_bit(shape):
+    np.testing.assert_array_equal(draws.normal(KEYS, shape),
+                                  _ref(lambda k: jax.random.normal(k, shape)))
+    np.testing.assert_array_equal(draws.uniform(KEYS, shape),
+                                  _ref(lambda k: jax.random.uniform(k, shape)))
+
+
+@pytest.mark.parametrize("lower", [-1 / 0.3, -2.0])
+def test_truncated_normal_equals_jax_random(lower):
+    got = jax.jit(lambda k: draws.truncated_normal(k, lower, (2, 3)))(KEYS)
+    ref = _ref(lambda k: jax.random.truncated_normal(k, lower, jnp.inf, (2, 3), jnp.float32))
+    np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("data", [0, 7, 2**31 + 5])
+def test_fold_in_and_split_equal_jax_random(data):
+    np.testing.assert_array_equal(draws.fold_in(KEYS, data),
+                                  _ref(lambda k: jax.random.fold_in(k, data)))
+    np.testing.assert_array_equal(draws.split(KEYS), _ref(jax.random.split))
+
+
+def test_normals_draws_each_pair_as_jax_random():
+    keys = [KEYS, draws.fold_in(KEYS, 1), draws.fold_in(KEYS, 2)]
+    shapes = [(4, 3), (), (2, 5)]
+    for got, k, s in zip(draws.normals(keys, shapes), keys, shapes, strict=True):
+        np.testing.assert_array_equal(got, jax.jit(jax.vmap(lambda k, s=s: jax.random.normal(
+            k, s)))(k))
+
+
+def test_typed_keys_stay_typed_and_draw_the_same():
+    typed = jax.random.wrap_key_data(KEYS)
+    np.testing.assert_array_equal(draws.normal(typed, (3,)), draws.normal(KEYS, (3,)))
+    folded = draws.fold_in(typed, 4)
+    assert jax.dtypes.issubdtype(folded.dtype, jax.dtypes.prng_key)
+    np.testing.assert_array_equal(jax.random.key_data(folded), draws.fold_in(KEYS, 4))
+
+
+def test_chip_and_read_keys_equal_fold_in_chains():
+    key = jax.random.PRNGKey(5)
+    ids = jnp.arange(4, 9, dtype=jnp.uint32)
+    chips = devices.chip_keys(key, 3, start=2)
+    np.testing.assert_array_equal(chips, jax.vmap(jax.random.fold_in, (None, 0))(
+        key, jnp.arange(2, 5, dtype=jnp.uint32)))
+
+    def per_chip(k):
+        root = jax.random.fold_in(jax.random.fold_in(k, devices.base.READ_STREAM), 1)
+        return jax.vmap(lambda n: jax.random.fold_in(root, n))(ids)
+
+    np.testing.assert_array_equal(devices.read_keys(chips, ids, 1), jax.vmap(per_chip)(chips))
