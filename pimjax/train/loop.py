@@ -22,6 +22,7 @@ import os
 import time
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -41,6 +42,23 @@ from pimjax.train.steps import eval_step, train_step
 BATCH_AXIS = "batch"
 # PRNG streams split from the seed (fold_in tags).
 _INIT, _CHIPS, _AUGMENT, _EVAL_CHIPS, _READ = 0, 1, 2, 3, 4
+
+
+class RunKeys(NamedTuple):
+    """The PRNG keys of a run, each ``fold_in(PRNGKey(seed), stream)``."""
+
+    init: jax.Array  # parameter initialisation
+    chips: jax.Array  # the training chip of step s: fold_in(chips, s)
+    augment: jax.Array  # the augmentation of step s: fold_in(augment, s)
+    eval_chips: jax.Array  # the per-epoch evaluation chips (pimjax.devices.chip_keys of it)
+    read: jax.Array  # per-read noise of step s: fold_in(read, s)
+
+
+def run_keys(seed: int) -> RunKeys:
+    """The PRNG keys a run with ``seed`` uses (see :class:`RunKeys`)."""
+    root = jax.random.PRNGKey(seed)
+    return RunKeys(*(jax.random.fold_in(root, i)
+                     for i in (_INIT, _CHIPS, _AUGMENT, _EVAL_CHIPS, _READ)))
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -166,9 +184,7 @@ def _train(config, train_ds, test_ds, workdir, resume, stop_after, mesh, float_s
         loaded = load_data(config)
         train_ds = train_ds if train_ds is not None else loaded[0]
         test_ds = test_ds if test_ds is not None else loaded[1]
-    root = jax.random.PRNGKey(config.seed)
-    init_key, chip_key, aug_key, eval_key, read_key = (
-        jax.random.fold_in(root, i) for i in (_INIT, _CHIPS, _AUGMENT, _EVAL_CHIPS, _READ))
+    init_key, chip_key, aug_key, eval_key, read_key = run_keys(config.seed)
     sample = pdata.normalize(train_ds.images[:1], config.data.name)
     state = create_train_state(config, init_key, sample, len(train_ds))
     counts = {"train_images": len(train_ds), "test_images": len(test_ds)}
