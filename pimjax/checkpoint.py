@@ -74,11 +74,13 @@ class CheckpointStore:
                                   train=ocp.args.StandardSave(train),
                                   meta=ocp.args.JsonSave(meta))
         last, best_mgr = self._managers()
-        last.save(epoch, args=args, force=True)
-        last.wait_until_finished()
-        if best:
-            best_mgr.save(epoch, args=args, force=True)
-            best_mgr.wait_until_finished()
+        for mgr in (last, best_mgr) if best else (last,):
+            # An epoch saved before is replaced: a run resumed past a damaged checkpoint (or
+            # from before a best epoch) saves that epoch again.
+            if epoch in mgr.all_steps():
+                mgr.delete(epoch)
+            mgr.save(epoch, args=args, force=True)
+            mgr.wait_until_finished()
 
     def epochs(self) -> list[int]:
         """Epochs of the complete 'last' checkpoints, oldest first."""
