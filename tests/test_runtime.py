@@ -29,7 +29,8 @@ def test_import_changes_no_global_state():
         "after = (os.environ.get('XLA_FLAGS'), logging.getLogger('absl').level)\n"
         "assert before == after, (before, after)\n"
         "import jax\n"
-        "assert jax.config.jax_compilation_cache_dir is None, jax.config.jax_compilation_cache_dir\n"
+        "cache = jax.config.jax_compilation_cache_dir\n"
+        "assert cache is None, cache\n"
     )
     env = {k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
