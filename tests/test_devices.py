@@ -1,11 +1,13 @@
-"""Chip sampler: moments against the model, sharing structure, determinism, errors.
+"""Devices and chips: the paper's factor moments against the model, sharing structure, the
+part protocol (keys, time, chip batches), presets and configs, determinism, errors.
 
 Tolerances are derived from the sample size: a sample mean of n i.i.d. draws with
 variance v has standard error sqrt(v / n); a sample variance has standard error
-about sqrt((m4 - v^2) / n). We allow Z = 5 standard errors (two-sided p ~ 6e-7
-per check at the fixed seeds).
+about sqrt((m4 - v^2) / n); a sample correlation of independent draws about 1 / sqrt(n).
+We allow Z = 5 standard errors (two-sided p ~ 6e-7 per check at the fixed seeds).
 """
 
+import dataclasses
 import math
 
 import jax
@@ -13,14 +15,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pimjax.variability import (
+from pimjax import devices
+from pimjax.devices import (
+    ChipLayer,
+    Device,
+    DeviceConfig,
     VariabilityModel,
+    at_time,
     between_factors,
     chip_keys,
-    nominal_chip,
+    from_variability,
+    ideal,
+    num_chips,
+    paper,
+    part_key,
     sample_chip,
     sample_chips,
-    sign_flipped_chips,
+    sign_flipped,
 )
 
 Z = 5.0
@@ -28,6 +39,13 @@ TEMPLATE = {
     "conv": {"kernel": jnp.zeros((3, 3, 4, 8))},
     "dense": {"kernel": jnp.zeros((64, 10))},
 }
+SHAPES = ((3, 3, 4, 8), (64, 10))  # TEMPLATE's kernel shapes, in flatten order
+
+
+def factors(chip, name="conv"):
+    """The paper part's factor array of one layer of a chip (or chip batch)."""
+    node = chip[name]
+    return (node if isinstance(node, ChipLayer) else node["kernel"]).states[0]
 
 
 def _normal_moments(s):
@@ -51,83 +69,93 @@ def _check_moments(x, mean, var, m4):
     assert abs(x.var() - var) < Z * math.sqrt((m4 - var**2) / n) + 1e-12, (x.var(), var)
 
 
+def _corr_bound(n):
+    return Z / math.sqrt(n)
+
+
+# ------------------------------------------------------------------------ the paper's model
+
+
 @pytest.mark.parametrize("dist,moments", [("normal", _normal_moments),
                                           ("lognormal", _lognormal_moments)])
 @pytest.mark.parametrize("sigma", [0.1, 0.5])
 def test_within_factor_moments(dist, moments, sigma):
-    template = {"w": jnp.zeros((200, 250))}  # 50,000 cells
-    chip = sample_chip(jax.random.key(1), VariabilityModel(sigma, 0.0, distribution=dist), template)
-    _check_moments(chip["w"], *moments(sigma))
+    vm = VariabilityModel(sigma, 0.0, distribution=dist)
+    (f,) = vm.sample(jax.random.key(1), ((200, 250),))  # 50,000 cells
+    _check_moments(f, *moments(sigma))
+    assert vm.factor_mean() == pytest.approx(moments(sigma)[0])
+    assert vm.factor_variance() == pytest.approx(moments(sigma)[1])
 
 
 @pytest.mark.parametrize("dist,moments", [("normal", _normal_moments),
                                           ("lognormal", _lognormal_moments)])
 def test_between_factor_moments_across_chips(dist, moments):
-    vm = VariabilityModel(0.0, 0.3, "chip", dist)
-    chips = sample_chips(jax.random.key(2), vm, {"w": jnp.zeros((2, 3))}, 4000)
-    per_chip = chips["w"][:, 0, 0]
+    device = paper(0.0, 0.3, "chip", dist)
+    chips = sample_chips(jax.random.key(2), device, {"w": jnp.zeros((2, 3))}, 4000)
+    f = chips["w"].states[0]
+    per_chip = f[:, 0, 0]
     # Shared exactly by all cells of a chip ...
-    shared = jnp.broadcast_to(per_chip[:, None, None], (4000, 2, 3))
-    np.testing.assert_array_equal(chips["w"], shared)
+    np.testing.assert_array_equal(f, jnp.broadcast_to(per_chip[:, None, None], (4000, 2, 3)))
     # ... with the model's moments across chips.
     _check_moments(per_chip, *moments(0.3))
 
 
 def test_within_factors_are_independent_across_cells():
-    chip = sample_chip(jax.random.key(3), VariabilityModel(0.3), {"w": jnp.zeros((20000, 2))})
-    a, b = np.asarray(chip["w"][:, 0]), np.asarray(chip["w"][:, 1])
-    r = np.corrcoef(a, b)[0, 1]
-    assert abs(r) < Z / math.sqrt(a.size)  # the correlation's standard error is 1/sqrt(n)
-    # neighbouring cells along the flat layout too
-    flat = np.asarray(chip["w"]).ravel()
-    assert abs(np.corrcoef(flat[:-1], flat[1:])[0, 1]) < Z / math.sqrt(flat.size)
+    (f,) = VariabilityModel(0.3).sample(jax.random.key(3), ((20000, 2),))
+    a, b = np.asarray(f[:, 0]), np.asarray(f[:, 1])
+    assert abs(np.corrcoef(a, b)[0, 1]) < _corr_bound(a.size)
+    flat = np.asarray(f).ravel()  # neighbouring cells along the flat layout too
+    assert abs(np.corrcoef(flat[:-1], flat[1:])[0, 1]) < _corr_bound(flat.size)
 
 
 def test_layer_granularity_shared_within_layer_independent_across_layers():
-    vm = VariabilityModel(0.0, 0.2, "layer")
     template = {f"l{i}": {"kernel": jnp.zeros((3, 4))} for i in range(2)}
-    chips = sample_chips(jax.random.key(4), vm, template, 3000)
-    l0, l1 = chips["l0"]["kernel"], chips["l1"]["kernel"]
+    chips = sample_chips(jax.random.key(4), paper(0.0, 0.2, "layer"), template, 3000)
+    l0, l1 = factors(chips, "l0"), factors(chips, "l1")
     np.testing.assert_array_equal(l0, jnp.broadcast_to(l0[:, :1, :1], l0.shape))
     np.testing.assert_array_equal(l1, jnp.broadcast_to(l1[:, :1, :1], l1.shape))
     a, b = np.asarray(l0[:, 0, 0]), np.asarray(l1[:, 0, 0])
-    assert abs(np.corrcoef(a, b)[0, 1]) < Z / math.sqrt(a.size)
+    assert abs(np.corrcoef(a, b)[0, 1]) < _corr_bound(a.size)
     _check_moments(a, *_normal_moments(0.2))
 
 
 def test_column_granularity_shared_per_output_column():
-    vm = VariabilityModel(0.0, 0.2, "column")
-    chips = sample_chips(jax.random.key(5), vm, {"k": jnp.zeros((3, 3, 4, 16))}, 500)
-    k = chips["k"]
+    chips = sample_chips(jax.random.key(5), paper(0.0, 0.2, "column"),
+                         {"k": jnp.zeros((3, 3, 4, 16))}, 500)
+    k = factors(chips, "k")
     # identical down each output column ...
     np.testing.assert_array_equal(k, jnp.broadcast_to(k[:, :1, :1, :1, :], k.shape))
     cols = np.asarray(k[:, 0, 0, 0, :])  # [chips, columns]
     # ... independent across columns and across chips
-    assert abs(np.corrcoef(cols[:, 0], cols[:, 1])[0, 1]) < Z / math.sqrt(cols.shape[0])
+    assert abs(np.corrcoef(cols[:, 0], cols[:, 1])[0, 1]) < _corr_bound(cols.shape[0])
     _check_moments(cols, *_normal_moments(0.2))
 
 
-def test_chip_mode_is_shared_across_layers():
-    chip = sample_chip(jax.random.key(6), VariabilityModel(0.0, 0.4, "chip"), TEMPLATE)
-    v = float(chip["conv"]["kernel"].ravel()[0])
+def test_chip_granularity_is_shared_across_layers():
+    chip = sample_chip(jax.random.key(6), paper(0.0, 0.4, "chip"), TEMPLATE)
+    v = float(factors(chip).ravel()[0])
     assert v != 1.0
-    for leaf in jax.tree_util.tree_leaves(chip):
-        np.testing.assert_array_equal(leaf, v)
+    for name in TEMPLATE:
+        np.testing.assert_array_equal(factors(chip, name), v)
 
 
 @pytest.mark.parametrize("dist", ["normal", "lognormal"])
 @pytest.mark.parametrize("granularity", ["chip", "layer", "column"])
 def test_total_variance_composes(dist, granularity):
     vm = VariabilityModel(0.2, 0.15, granularity, dist)
-    chips = sample_chips(jax.random.key(7), vm, {"k": jnp.zeros((4, 50))}, 3000)
-    x = np.asarray(chips["k"], np.float64).ravel()
-    # Cells of one chip share the between factor: average per-chip means over chips
-    # gives an unbiased mean; its standard error is set by the between component.
-    n_chips = chips["k"].shape[0]
+    chips = sample_chips(jax.random.key(7), from_variability(vm), {"k": jnp.zeros((4, 50))}, 3000)
+    x = np.asarray(factors(chips, "k"), np.float64)
+    n_chips = x.shape[0]
+    # Cells of one chip share the between factor, so the grand mean's standard error is set
+    # by the chips: at most sqrt(var / n_chips).
     assert abs(x.mean() - vm.factor_mean()) < Z * math.sqrt(vm.factor_variance() / n_chips)
-    assert vm.factor_variance() == pytest.approx(0.2**2 + 0.15**2, rel=0.15)
+    # The exact composition: (1 + vw)(1 + vb) - 1 (normal), (e^v - 1) e^v (lognormal).
+    vw, vb = 0.2**2, 0.15**2
+    exact = (1 + vw) * (1 + vb) - 1 if dist == "normal" else (
+        (math.exp(vw + vb) - 1) * math.exp(vw + vb))
+    assert vm.factor_variance() == pytest.approx(exact, rel=1e-12)
     rel_se = Z * math.sqrt(2.0 / n_chips)  # conservative: at least n_chips effective samples
-    assert abs(x.var() / vm.factor_variance() - 1) < rel_se
+    assert abs(x.var() / exact - 1) < rel_se
 
 
 def test_from_total_splits_variance():
@@ -139,76 +167,177 @@ def test_from_total_splits_variance():
         VariabilityModel.from_total(0.5, 1.5)
 
 
-def test_same_key_same_chip_and_different_keys_differ():
-    vm = VariabilityModel(0.3, 0.1, "column")
-    a = sample_chip(jax.random.key(8), vm, TEMPLATE)
-    b = sample_chip(jax.random.key(8), vm, TEMPLATE)
-    c = sample_chip(jax.random.key(9), vm, TEMPLATE)
-    for x, y, z in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b),
-                       jax.tree_util.tree_leaves(c), strict=True):
-        np.testing.assert_array_equal(x, y)
-        assert not np.array_equal(x, z)
-    jitted = jax.jit(lambda k: sample_chip(k, vm, TEMPLATE))(jax.random.key(8))
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(jitted), strict=True):
-        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)  # eager vs jit: ulps
-
-
-def test_batched_chips_equal_single_chips():
-    vm = VariabilityModel(0.2, 0.1, "layer")
-    key = jax.random.key(10)
-    chips = sample_chips(key, vm, TEMPLATE, 5)
-    keys = chip_keys(key, 5)
-    for i in (0, 3):
-        single = sample_chip(keys[i], vm, TEMPLATE)
-        np.testing.assert_allclose(chips["dense"]["kernel"][i], single["dense"]["kernel"],
-                                   rtol=1e-6)
-    # chip i's key does not depend on how many chips are drawn or where a chunk starts
-    np.testing.assert_array_equal(jax.random.key_data(chip_keys(key, 2, start=3)),
-                                  jax.random.key_data(keys[3:5]))
-
-
 @pytest.mark.parametrize("granularity", ["chip", "layer", "column"])
 def test_between_factors_are_what_the_chip_multiplies_in(granularity):
     key = jax.random.key(11)
-    vm = VariabilityModel(0.2, 0.3, granularity)
-    chip = sample_chip(key, vm, TEMPLATE)
-    within_only = sample_chip(key, VariabilityModel(0.2), TEMPLATE)
-    between = between_factors(key, vm, TEMPLATE)
-    for name in TEMPLATE:
-        b = np.asarray(between[name]["kernel"])
-        assert b.size == (TEMPLATE[name]["kernel"].shape[-1] if granularity == "column" else 1)
-        np.testing.assert_allclose(chip[name]["kernel"], within_only[name]["kernel"] * b,
+    chip = sample_chip(key, paper(0.2, 0.3, granularity), TEMPLATE)
+    within_only = sample_chip(key, paper(0.2), TEMPLATE)
+    between = between_factors(key, VariabilityModel(0.2, 0.3, granularity), SHAPES)
+    for name, shape, b in zip(TEMPLATE, SHAPES, between, strict=True):
+        b = np.asarray(b)
+        assert b.size == (shape[-1] if granularity == "column" else 1)
+        np.testing.assert_allclose(factors(chip, name), factors(within_only, name) * b,
                                    rtol=1e-6)
 
 
-def test_sign_flipped_chips_rate_and_definition():
+def test_sign_flipped_rate_and_definition():
     # two layers, normal between factors 1 + z: a chip flips when either factor is < 0
     n, vm = 4000, VariabilityModel(0.0, 1.0, "layer")
-    key = jax.random.key(12)
-    flipped = np.asarray(sign_flipped_chips(key, vm, TEMPLATE, n))
+    keys = chip_keys(jax.random.key(12), n)
+    flipped = np.asarray(jax.vmap(lambda k: sign_flipped(k, vm, SHAPES))(keys))
     p = 1 - (1 - 0.5 * math.erfc(1 / math.sqrt(2))) ** 2
     assert abs(flipped.mean() - p) < Z * math.sqrt(p * (1 - p) / n), (flipped.mean(), p)
-    chips = sample_chips(key, vm, TEMPLATE, 50)  # no within variation: the cells show the sign
-    neg = np.any([np.asarray(chips[k]["kernel"] < 0).reshape(50, -1).any(1) for k in TEMPLATE],
+    # no within variation: the cells show the sign of the between factors
+    chips = sample_chips(jax.random.key(12), from_variability(vm), TEMPLATE, 50)
+    neg = np.any([np.asarray(factors(chips, k) < 0).reshape(50, -1).any(1) for k in TEMPLATE],
                  axis=0)
     np.testing.assert_array_equal(neg, flipped[:50])
-    assert not np.any(sign_flipped_chips(key, VariabilityModel(0.0, 1.0, "layer", "lognormal"),
-                                         TEMPLATE, 200))
+    lognormal = VariabilityModel(0.0, 1.0, "layer", "lognormal")
+    assert not np.any(jax.vmap(lambda k: sign_flipped(k, lognormal, SHAPES))(keys[:200]))
 
 
-def test_nominal_chip_is_exactly_one_and_sigma_zero_is_nominal():
-    ones = nominal_chip(TEMPLATE)
-    zero = sample_chip(jax.random.key(0), VariabilityModel(0.0, 0.0), TEMPLATE)
-    for a, b in zip(jax.tree_util.tree_leaves(ones), jax.tree_util.tree_leaves(zero), strict=True):
-        np.testing.assert_array_equal(a, 1.0)
-        np.testing.assert_array_equal(b, 1.0)
-    assert VariabilityModel().is_nominal
+# ------------------------------------------------------------------------ keys and chips
+
+
+def test_same_key_same_chip_and_different_keys_differ():
+    device = paper(0.3, 0.1, "column")
+    a = sample_chip(jax.random.key(8), device, TEMPLATE)
+    b = sample_chip(jax.random.key(8), device, TEMPLATE)
+    c = sample_chip(jax.random.key(9), device, TEMPLATE)
+    for x, y, z in zip(jax.tree.leaves(a), jax.tree.leaves(b), jax.tree.leaves(c), strict=True):
+        if x.ndim:  # the factors (t is 0 on every chip)
+            np.testing.assert_array_equal(x, y)
+            assert not np.array_equal(x, z)
+    jitted = jax.jit(lambda k: sample_chip(k, device, TEMPLATE))(jax.random.key(8))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(jitted), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)  # eager vs jit: ulps
+
+
+def test_batched_chips_equal_single_chips_and_keys_do_not_depend_on_chunks():
+    device = paper(0.2, 0.1, "layer")
+    key = jax.random.key(10)
+    chips = sample_chips(key, device, TEMPLATE, 5)
+    keys = chip_keys(key, 5)
+    # chip i is drawn from fold_in(key, i), however many chips are drawn
+    for i in (0, 3):
+        np.testing.assert_array_equal(jax.random.key_data(keys[i]),
+                                      jax.random.key_data(jax.random.fold_in(key, i)))
+        single = sample_chip(keys[i], device, TEMPLATE)
+        np.testing.assert_allclose(factors(chips, "dense")[i], factors(single, "dense"),
+                                   rtol=1e-6)
+    np.testing.assert_array_equal(jax.random.key_data(chip_keys(key, 2, start=3)),
+                                  jax.random.key_data(keys[3:5]))
+    assert num_chips(chips) == 5 and num_chips(sample_chip(key, device, TEMPLATE)) is None
+    assert chips["dense"]["kernel"].num_chips == 5
+
+
+def test_chip_layout_follows_the_template():
+    chip = sample_chip(jax.random.key(0), paper(0.1), TEMPLATE)
+    assert jax.tree.structure(jax.tree.map(lambda _: 0, chip, is_leaf=devices.is_chip_layer)) \
+        == jax.tree.structure(jax.tree.map(lambda _: 0, TEMPLATE))
+    layer = chip["conv"]["kernel"]
+    assert isinstance(layer, ChipLayer) and layer.shape == (3, 3, 4, 8)
+    assert layer.t.shape == () and float(layer.t) == 0.0
+    assert not layer.needs_key
+
+
+@dataclasses.dataclass(frozen=True)
+class Drift:
+    """A test weight part: w * u * (1 + t)^-nu, with u ~ U(0.5, 1.5) fixed per cell."""
+
+    nu: float = 0.5
+
+    def sample(self, key, shapes):
+        keys = jax.random.split(key, len(shapes))
+        return tuple(jax.random.uniform(k, s, minval=0.5, maxval=1.5)
+                     for k, s in zip(keys, shapes, strict=True))
+
+    def apply(self, w, state, t):
+        return w * state * (1.0 + t) ** -self.nu
+
+
+def test_weight_parts_apply_in_order_with_their_own_keys_and_time():
+    vm = VariabilityModel(0.2, 0.1)
+    device = Device(weights=(vm, Drift()), name="paper+drift")
+    key = jax.random.key(13)
+    chip = sample_chip(key, device, TEMPLATE)
+    # part 0 samples from the chip key itself: the paper device's chip, bit for bit
+    np.testing.assert_array_equal(factors(chip), factors(sample_chip(key, paper(0.2, 0.1),
+                                                                     TEMPLATE)))
+    # part 1 from part_key(key, 1), not from the chip key
+    (u_expected, _) = Drift().sample(part_key(key, 1), SHAPES)
+    np.testing.assert_array_equal(chip["conv"]["kernel"].states[1], u_expected)
+    assert not np.array_equal(Drift().sample(key, SHAPES)[0], u_expected)
+    w = jnp.asarray(np.random.default_rng(0).standard_normal((3, 3, 4, 8)), jnp.float32)
+    f, u = (np.asarray(s, np.float64) for s in chip["conv"]["kernel"].states)
+    for t in (0.0, 3.0):
+        got = at_time(chip, t)["conv"]["kernel"].weights(w)
+        np.testing.assert_allclose(got, np.asarray(w) * f * u * (1.0 + t) ** -0.5, rtol=1e-5)
+
+
+def test_chip_batch_weights_read_at_their_own_times():
+    device = Device(weights=(Drift(nu=1.0),))
+    chips = sample_chips(jax.random.key(14), device, {"d": {"kernel": jnp.zeros((4, 3))}}, 3)
+    layer = chips["d"]["kernel"]
+    w = jnp.arange(12, dtype=jnp.float32).reshape(4, 3) - 5.0
+    times = jnp.array([0.0, 1.0, 3.0])
+    out = layer.replace(t=times).weights(w)  # per-chip read times
+    assert out.shape == (3, 4, 3)
+    u = np.asarray(layer.states[0])
+    for c, t in enumerate((0.0, 1.0, 3.0)):
+        np.testing.assert_allclose(out[c], np.asarray(w) * u[c] / (1.0 + t), rtol=1e-6)
+    timed = at_time(chips, 2.0)["d"]["kernel"]
+    assert timed.t.shape == (3,)
+    np.testing.assert_array_equal(timed.t, 2.0)
+
+
+# ------------------------------------------------------------------------ presets and config
+
+
+def test_ideal_device_and_sigma_zero():
+    assert ideal().is_ideal and paper(0.0, 0.0).is_ideal and not paper(0.1).is_ideal
+    assert paper(0.0, 0.0) == ideal() and VariabilityModel().is_nominal
+    chip = sample_chip(jax.random.key(0), ideal(), TEMPLATE)
+    w = jnp.asarray(np.random.default_rng(1).standard_normal((64, 10)), jnp.float32)
+    np.testing.assert_array_equal(chip["dense"]["kernel"].weights(w), w)
+    # a paper part with both sigmas 0 draws factors of exactly one
+    for f in VariabilityModel(0.0, 0.0).sample(jax.random.key(0), SHAPES):
+        np.testing.assert_array_equal(f, 1.0)
+
+
+def test_device_config_builds_the_presets():
+    assert DeviceConfig().is_ideal and DeviceConfig(preset="ideal").build() == ideal()
+    cfg = DeviceConfig(sigma_within=0.3, sigma_between=0.1, between_granularity="column",
+                       distribution="lognormal")
+    assert not cfg.is_ideal
+    assert cfg.build() == paper(0.3, 0.1, "column", "lognormal")
+    assert cfg.variability == VariabilityModel(0.3, 0.1, "column", "lognormal")
+    with pytest.raises(ValueError, match="preset='ideal' has no variation"):
+        DeviceConfig(preset="ideal", sigma_within=0.1)
+    with pytest.raises(ValueError, match="preset='pcm2' is unknown.*ideal.*paper"):
+        DeviceConfig(preset="pcm2")
+    with pytest.raises(ValueError, match="sigma_between"):
+        DeviceConfig(sigma_between=-0.1)
+
+
+@pytest.mark.parametrize("value", [np.float32(0.1), np.float64(0.1), jnp.asarray(0.1),
+                                   jnp.asarray(0.1, jnp.float32), np.int64(0), 1])
+def test_sigma_accepts_numpy_and_jax_scalars(value):
+    vm = VariabilityModel(sigma_within=value, sigma_between=value)
+    assert type(vm.sigma_within) is float and type(vm.sigma_between) is float
+    assert vm.sigma_within == pytest.approx(float(value))
+    assert hash(vm) == hash(VariabilityModel(float(value), float(value)))  # a static argument
+    cfg = DeviceConfig(sigma_within=value)
+    assert type(cfg.sigma_within) is float
+    assert paper(value).weights in ((), (VariabilityModel(float(value)),))
 
 
 @pytest.mark.parametrize(
     "kwargs,field",
     [({"sigma_within": -0.1}, "sigma_within"), ({"sigma_between": -1}, "sigma_between"),
      ({"sigma_within": float("nan")}, "sigma_within"), ({"sigma_within": "0.1"}, "sigma_within"),
+     ({"sigma_within": True}, "sigma_within"), ({"sigma_within": np.ones(2)}, "sigma_within"),
+     ({"sigma_between": float("inf")}, "sigma_between"),
      ({"between_granularity": "row"}, "between_granularity"),
      ({"distribution": "uniform"}, "distribution")],
 )
@@ -225,4 +354,10 @@ def test_bad_input_names_allowed_values():
     with pytest.raises(ValueError, match="num_chips"):
         chip_keys(jax.random.key(0), 0)
     with pytest.raises(ValueError, match="template"):
-        sample_chip(jax.random.key(0), VariabilityModel(0.1), {})
+        sample_chip(jax.random.key(0), paper(0.1), {})
+    with pytest.raises(ValueError, match="pimjax.devices.Device"):
+        sample_chip(jax.random.key(0), VariabilityModel(0.1), TEMPLATE)
+    with pytest.raises(ValueError, match="sample.*apply"):
+        Device(weights=(object(),))
+    with pytest.raises(ValueError, match="not a chip"):
+        num_chips({"w": jnp.ones(3)})
