@@ -6,7 +6,7 @@ For every shape: the median (and min) of ``--reps`` timed runs after a warm-up, 
 ``block_until_ready``, of the jitted forward ``lax.conv_general_dilated``, XLA's reference
 ``jax.vjp`` of it (input and weight gradients), and ``ops.conv2d``'s (the custom VJP).
 ``ref/ours`` is the speed-up of the backward. ``--variants`` also times each weight-gradient
-layout and input-gradient method of ``pimjax.ops`` alone, the numbers its dispatch rules
+layout and input-gradient formulation of ``pimjax.ops`` alone, the numbers its dispatch rules
 were chosen from. Timings on a shared CPU are noisy: compare the minima.
 """
 
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from pimjax import ops
+from pimjax import ops, runtime
 
 DN = ("NHWC", "HWIO", "NHWC")
 # name: (batch, H, W, Cin, Cout, kernel, stride, padding)
@@ -68,7 +68,7 @@ def bench(shape, reps: int) -> dict:
     """Forward, reference-gradient and ours-gradient timings (and errors) for one shape."""
     x, w, g, strides, pad = make(shape)
     ref = lambda x, w: lax.conv_general_dilated(x, w, strides, pad, dimension_numbers=DN)
-    ours = lambda x, w: ops.conv2d(x, w, strides, pad)
+    ours = lambda x, w: ops.conv2d(x, w, strides, pad, grad="custom")
     fwd = jax.jit(ref)
     ref_bwd = jax.jit(lambda x, w, g: jax.vjp(ref, x, w)[1](g))
     our_bwd = jax.jit(lambda x, w, g: jax.vjp(ours, x, w)[1](g))
@@ -88,9 +88,9 @@ def bench(shape, reps: int) -> dict:
 
 
 def bench_variants(shape, reps: int) -> str:
-    """Min times of each weight-gradient layout and input-gradient method alone."""
+    """Min times of each weight-gradient layout and input-gradient formulation alone."""
     x, w, g, strides, pad = make(shape)
-    pads = ops._pads(x.shape, w.shape, strides, pad)
+    pads = ops.explicit_pads(x.shape, w.shape, strides, pad)
     ref = lambda x, w: lax.conv_general_dilated(x, w, strides, pad, dimension_numbers=DN)
     kernel = w.shape[:2]
     cands = {
@@ -101,8 +101,8 @@ def bench_variants(shape, reps: int) -> str:
         cands[f"dw:{layout}"] = jax.jit(
             lambda x, w, g, layout=layout: ops.weight_grad(x, g, kernel, strides, pads, layout)
         )
-    methods = ["col2im", "subpixel"] + (["transpose"] if strides == (1, 1) else [])
-    for m in methods:
+    forms = ["col2im", "subpixel"] + (["transpose"] if strides == (1, 1) else [])
+    for m in forms:
         cands[f"dx:{m}"] = jax.jit(
             lambda x, w, g, m=m: ops.input_grad(g, w, x.shape, strides, pads, m)
         )
@@ -112,6 +112,7 @@ def bench_variants(shape, reps: int) -> str:
 
 def main():
     """Print the table."""
+    runtime.configure()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--only", default="", help="comma-separated substrings of shape names")

@@ -26,14 +26,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from pimjax import data, layers, montecarlo, selftune
+from pimjax import data, devices, introspect, layers, montecarlo, runtime
 from pimjax.models import get_model
-from pimjax.variability import VariabilityModel, chip_keys, sample_chip
 
-VM = VariabilityModel(sigma_within=0.2, sigma_between=0.1)
+DEVICE = devices.paper(sigma_within=0.2, sigma_between=0.1)
 
 
 def parse_splits(text: str) -> list[tuple[int, int]]:
@@ -75,16 +72,16 @@ def sgemm_gflops(n: int = 4096, repeat: int = 3) -> float:
 
 def loop_rate(model, variables, images, labels, loop_chips: int, repeat: int) -> float:
     """(b): chip-images/s of a jitted one-chip-at-a-time loop."""
-    template = layers.analog_kernels(variables)
+    template = introspect.analog_kernels(variables)
 
     @jax.jit
     def correct(v, key, x, y):
-        chip = sample_chip(key, VM, template)
+        chip = devices.sample_chip(key, DEVICE, template)
         return jnp.sum(jnp.argmax(model.apply(layers.with_chip(v, chip), x), -1) == y)
 
     batch = min(1000, images.shape[0])
     starts = range(0, images.shape[0], batch)
-    keys = chip_keys(jax.random.PRNGKey(1), loop_chips)
+    keys = devices.chip_keys(jax.random.PRNGKey(1), loop_chips)
     sl = [(images[s:s + batch], labels[s:s + batch]) for s in starts]
     for x, y in sl:  # compile every batch shape
         correct(variables, keys[0], x, y).block_until_ready()
@@ -112,37 +109,30 @@ def shared_rate(model, variables, images, repeat: int) -> float:
 
 def sweep_rate(model, variables, images, labels, chips: int, budget: int, repeat: int):
     """(a): chip-images/s of evaluate_chips, its plan and XLA's memory estimate of one chunk."""
-    plan = montecarlo.plan_chunks(model, chips, images.shape[0], budget_bytes=budget,
-                                  num_devices=len(jax.local_devices()))
+    plan = montecarlo.plan_chunks(model, chips, images.shape[0], device=DEVICE,
+                                  budget_bytes=budget, num_devices=len(jax.devices()))
     kw = dict(chips_per_chunk=plan.chips, images_per_chunk=plan.images, nominal=False,
               progress=False, budget_bytes=budget)
     # compile on one chunk of the same shapes, then time the whole sweep
-    warm = montecarlo.evaluate_chips(model, variables, VM, jax.random.PRNGKey(1), plan.chips,
+    warm = montecarlo.evaluate_chips(model, variables, DEVICE, jax.random.PRNGKey(1), plan.chips,
                                      (images[:plan.images], labels[:plan.images]), **kw)
     del warm
     t = best_of(lambda: montecarlo.evaluate_chips(
-        model, variables, VM, jax.random.PRNGKey(1), chips, (images, labels), **kw), repeat)
+        model, variables, DEVICE, jax.random.PRNGKey(1), chips, (images, labels), **kw), repeat)
     return chips * images.shape[0] / t, plan, xla_chunk_bytes(model, variables, plan)
 
 
 def xla_chunk_bytes(model, variables, plan) -> int | None:
-    """XLA's peak estimate (temporaries + arguments + outputs) of one chunk's metrics step."""
-    mesh = montecarlo.make_mesh()
-    _, _, metrics_fn = montecarlo._compiled(model, mesh, VM, None, None, plan.mode)
-    rep = NamedSharding(mesh, P())
-    template = layers.analog_kernels(variables)
-    factors = jax.tree_util.tree_map(
-        lambda w: jax.ShapeDtypeStruct((plan.chips, *w.shape), jnp.float32,
-                                       sharding=NamedSharding(mesh, P(montecarlo.AXIS))),
-        template)
-    shape = (1, plan.images, *model.input_shape)
-    args = (jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
-                                                                  sharding=rep), variables),
-            factors, None, jax.ShapeDtypeStruct(shape, jnp.float32, sharding=rep),
-            jax.ShapeDtypeStruct(shape[:2], jnp.int32, sharding=rep),
-            jax.ShapeDtypeStruct(shape[:2], jnp.float32, sharding=rep), np.int32(0))
+    """XLA's peak estimate (temporaries + arguments + outputs) of one chunk's chip-batch forward
+    on one device (``plan.chips / num_devices`` chips)."""
+    per_device = plan.chips // plan.num_devices
+    template = introspect.analog_kernels(variables)
+    chip = jax.eval_shape(lambda k: devices.sample_chips(k, DEVICE, template, per_device),
+                          jax.random.PRNGKey(0))
+    x = jax.ShapeDtypeStruct((plan.images, *model.input_shape), jnp.float32)
+    fn = jax.jit(lambda v, c, x: montecarlo.chip_logits(model, v, c, x, mode=plan.mode))
     try:
-        m = metrics_fn.lower(*args).compile().memory_analysis()
+        m = fn.lower(variables, chip, x).compile().memory_analysis()
     except Exception:  # noqa: BLE001 - an estimate only; some backends have none
         return None
     if m is None:
@@ -161,9 +151,9 @@ def run_model(name, splits, args, peak_gflops) -> list[dict]:
     most = max(images for _, images in splits)
     images, labels = load_images(name, most, args.data_dir)
     model, variables = calibrated_model(name, args.quant, images)
-    flops = montecarlo.forward_flops(model)
+    flops = introspect.forward_flops(model)
     print(f"\n{name} {args.quant}: {flops / 1e6:.2f} MFLOP/image, chip mode "
-          f"'{selftune.chip_mode(model)}', {len(jax.local_devices())} device(s)")
+          f"'{introspect.chip_mode(model)}', {len(jax.devices())} device(s)")
     rows = []
     for chips, n in splits:
         x, y = images[:n], labels[:n]
@@ -199,8 +189,10 @@ def main(argv=None):
     p.add_argument("--loop-chips", type=int, default=20, help="chips timed for (b)")
     p.add_argument("--repeat", type=int, default=1, help="timed repeats (best of)")
     p.add_argument("--budget-mb", type=int, default=1024, help="memory budget per device")
-    p.add_argument("--data-dir", default=os.environ.get("PIMJAX_DATA", "/work/shared/data"))
+    p.add_argument("--data-dir", default=None,
+                   help="folder with CIFAR-10 for ResNet-20 (default: $PIMJAX_DATA_DIR)")
     args = p.parse_args(argv)
+    runtime.configure()
     args.budget = args.budget_mb * 2**20
     peak = sgemm_gflops()
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, {os.cpu_count()} cores; "
@@ -212,7 +204,7 @@ def main(argv=None):
         rows += run_model("resnet20", parse_splits(args.resnet_splits), args, peak)
     print("\nsummary (chip-images/s): model, chips x images, a, b, c, a/b, a/c, a/d")
     for r in rows:
-        flops = montecarlo.forward_flops(get_model(r["model"], quant=args.quant))
+        flops = introspect.forward_flops(get_model(r["model"], quant=args.quant))
         print(f"  {r['model']:9s} {r['chips']:>5d}x{r['images']:<6d} {r['a']:9.0f} {r['b']:9.0f} "
               f"{r['c']:9.0f}  {r['a'] / r['b']:5.2f} {r['a'] / r['c']:5.2f} "
               f"{r['a'] * flops / 1e9 / peak:6.3f}")

@@ -17,19 +17,23 @@ import time
 import jax
 import numpy as np
 
+from pimjax import data, devices, runtime
 from pimjax import train as T
-from pimjax.layers import analog_kernels
-from pimjax.variability import sample_chip
+from pimjax.introspect import analog_kernels
+from pimjax.models import ModelConfig
+from pimjax.quant import QuantConfig
 
 DATASET = {"lenet5": "mnist", "vgg11": "cifar10", "resnet20": "cifar10", "resnet18": "cifar10"}
 
 
 def build(model: str, method: str, batch: int, quant: str, sigma: float, width: float):
     """A train state, one batch of random data and the keys for ``model`` and ``method``."""
-    cfg = T.TrainConfig(model=model, dataset=DATASET[model], method=method, quant=quant,
-                        sigma_within=sigma if method == "qavat" else 0.0, batch_size=batch,
-                        width=width, augment=False, optimizer="sgd", lr=0.01)
-    shape = T.DATASET_SHAPES[cfg.dataset]
+    cfg = T.TrainConfig(
+        train_method=method, model=ModelConfig(model, width),
+        data=T.DataConfig(DATASET[model], augment=False), quant=QuantConfig.parse(quant),
+        device=devices.DeviceConfig(sigma_within=sigma if method == "qavat" else 0.0),
+        optim=T.OptimConfig(optimizer="sgd", lr=0.01, batch_size=batch))
+    shape = data.info(cfg.data.name).image_shape
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (batch, *shape), dtype=np.uint8)
     labels = rng.integers(0, 10, (batch,), dtype=np.int32)
@@ -68,8 +72,8 @@ def bench_case(model: str, batch: int, args) -> dict:
     # the chip draw alone, for reference
     state = states["qavat"][0]
     template = analog_kernels(state.variables)
-    vm = state.config.variability
-    draw = jax.jit(lambda k: sample_chip(k, vm, template))
+    device = state.config.device.build()
+    draw = jax.jit(lambda k: devices.sample_chip(k, device, template))
     jax.block_until_ready(draw(jax.random.PRNGKey(1)))
     t0 = time.perf_counter()
     for i in range(20):
@@ -86,6 +90,7 @@ def bench_case(model: str, batch: int, args) -> dict:
 
 def main(argv=None):
     """Parse flags, run every case, print a table."""
+    runtime.configure()
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default="lenet5:256,resnet20:128",

@@ -21,7 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pimjax.train import TrainConfig, create_train_state, train_step
+from pimjax import runtime
+from pimjax.devices import DeviceConfig
+from pimjax.models import ModelConfig
+from pimjax.quant import QuantConfig
+from pimjax.train import DataConfig, OptimConfig, TrainConfig, create_train_state, train_step
 
 DATASET = {"lenet5": "mnist", "resnet20": "cifar10", "resnet18": "cifar100"}
 SHAPE = {"mnist": (28, 28, 1), "cifar10": (32, 32, 3), "cifar100": (32, 32, 3)}
@@ -44,9 +48,11 @@ def pimjax_step_time(model: str, method: str, batch: int, steps: int, repeats: i
     """Seconds per pimjax training step of ``method`` (fp, qat W2A4, qavat W2A4 sigma 0.3)."""
     dataset = DATASET[model]
     quant = "fp" if method == "fp" else "W2A4"
-    config = TrainConfig(model=model, dataset=dataset, quant=quant, method=method,
-                         sigma_within=0.3 if method == "qavat" else 0.0, batch_size=batch,
-                         optimizer="sgd", lr=0.01, augment=False)
+    config = TrainConfig(
+        train_method=method, model=ModelConfig(model), data=DataConfig(dataset, augment=False),
+        quant=QuantConfig.parse(quant),
+        device=DeviceConfig(sigma_within=0.3 if method == "qavat" else 0.0),
+        optim=OptimConfig(optimizer="sgd", lr=0.01, batch_size=batch))
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.integers(0, 256, (batch, *SHAPE[dataset]), dtype=np.uint8))
     labels = jnp.asarray(rng.integers(0, CLASSES[dataset], batch, dtype=np.int32))
@@ -93,6 +99,7 @@ def torch_step_time(model: str, batch: int, steps: int, repeats: int) -> float |
 
 def main() -> None:
     """Run the benchmark and print the table."""
+    runtime.configure()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="lenet5,resnet20")
     p.add_argument("--steps", type=int, default=5)

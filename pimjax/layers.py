@@ -133,7 +133,7 @@ class _Analog(nn.Module):
                 "pimjax.introspect.analog_kernels(variables)")
         return chip
 
-    def _mvm(self, x, kernel, plain: Callable, batched: Callable):
+    def _mvm(self, x, kernel, plain: Callable, batched: Callable, conv=None):
         """The crossbar product of ``x`` and the quantized ``kernel`` on this layer's chip."""
         w = self._quantized_kernel(kernel)
         chip = self._chip(kernel)
@@ -141,7 +141,7 @@ class _Analog(nn.Module):
             return plain(x, w)
         linear = plain if chip.num_chips is None else batched
         key = self.make_rng(READ_RNG) if chip.needs_key else None
-        return chip.forward(x, w, linear, key)
+        return chip.forward(x, w, linear, key, conv)
 
     def _tune_and_bias(self, y, train: bool):
         """Apply the digital self-tuning gain/offset (analog, inference only) and the bias.
@@ -199,7 +199,7 @@ class AnalogConv(_Analog):
         def batched(x, w):  # x [B, H, W, I] shared by the chips, or [C, B, H, W, I]
             return perchip.conv2d(x, w, strides, self.padding, self.perchip)
 
-        y = self._mvm(x, kernel, plain, batched)
+        y = self._mvm(x, kernel, plain, batched, conv=(strides, self.padding))
         return self._tune_and_bias(y, train)
 
 

@@ -26,17 +26,18 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from pimjax import data as pdata
 from pimjax import devices, introspect, selftune
-from pimjax.distributed import make_mesh
+from pimjax.distributed import is_primary, make_mesh, replicate, shard_rows, to_host
 from pimjax.introspect import CHIP_MODES, analog_kernels, chip_mode
 from pimjax.layers import with_chip, with_tune
 from pimjax.progress import progress_bar
 
 AXIS = "chips"
+EVAL_READS, TUNE_READS = 0, 1  # read-key streams (pimjax.devices.read_keys)
 CPU_BUDGET_BYTES = 1 << 30  # default per-device budget on CPU
 ACCEL_BUDGET_FRACTION = 0.5  # default on GPU/TPU: this share of the device memory
 MAX_IMAGES_PER_CHUNK = 1000  # images per chunk when the budget leaves the choice open
@@ -282,25 +283,37 @@ def _sample_step(mesh: Mesh, device: devices.Device):
     return _shard(sample, mesh, (P(AXIS), P(), P()), P(AXIS))
 
 
+def _with_reads(chip, keys, first_image, num_images, stream):
+    """The chip batch with the read keys of images ``first_image ..`` if its device needs them."""
+    layer = jax.tree_util.tree_leaves(chip, is_leaf=devices.is_chip_layer)[0]
+    if not layer.device.needs_key:
+        return chip
+    ids = first_image + jnp.arange(num_images, dtype=jnp.uint32)
+    return devices.with_read_keys(chip, devices.read_keys(keys, ids, stream))
+
+
 @functools.lru_cache(maxsize=32)
 def _tune_step(model, mesh: Mesh, variant: str, batch_size, mode: str):
     """Jitted, chip-sharded self-tuning of a chip batch."""
-    def tune(variables, chip, images, stats):
+    def tune(variables, chip, keys, images, stats):
+        chip = _with_reads(chip, keys, jnp.uint32(0), images.shape[0], TUNE_READS)
         return selftune.solve_chips(model, variant, batch_size, variables, chip, images,
                                     stats, mode)
 
-    return _shard(tune, mesh, (P(), P(AXIS), P(), P()), P(AXIS))
+    return _shard(tune, mesh, (P(), P(AXIS), P(AXIS), P(), P()), P(AXIS))
 
 
 @functools.lru_cache(maxsize=32)
 def _metrics_step(model, mesh: Mesh, mode: str):
     """Jitted, chip-sharded per-chip correct counts and loss sums on one image chunk."""
-    def metrics(variables, chip, tune, xs, ys, ms, j):
+    def metrics(variables, chip, keys, tune, xs, ys, ms, j):
         x, y, m = (jax.lax.dynamic_index_in_dim(a, j, keepdims=False) for a in (xs, ys, ms))
+        chip = _with_reads(chip, keys, (j * x.shape[0]).astype(jnp.uint32), x.shape[0],
+                           EVAL_READS)
         return _metrics(chip_logits(model, variables, chip, x, tune, mode), y, m)
 
     chips, rep = P(AXIS), P()
-    return _shard(metrics, mesh, (rep, chips, chips, rep, rep, rep, rep), (chips, chips))
+    return _shard(metrics, mesh, (rep, chips, chips, chips, rep, rep, rep, rep), (chips, chips))
 
 
 @functools.lru_cache(maxsize=32)
@@ -439,36 +452,33 @@ def evaluate_chips(model, variables, device: devices.Device, key, num_chips: int
                        chips_per_chunk=chips_per_chunk, images_per_chunk=images_per_chunk,
                        calib_images=calib_batch, mode=mode)
     start = time.perf_counter()
-    rep = NamedSharding(mesh, P())
-    chip_sharding = NamedSharding(mesh, P(AXIS))
     xs, ys, ms = _prepare_images(images, labels, plan.images)
     template = analog_kernels(variables)
-    var_r, tmpl_r, xs_r, ys_r, ms_r = jax.device_put((variables, template, xs, ys, ms), rep)
+    var_r, tmpl_r, xs_r, ys_r, ms_r = replicate((variables, template, xs, ys, ms), mesh)
     if calib is not None:
-        calib, stats = jax.device_put((calib, stats), rep)
+        calib, stats = replicate((calib, stats), mesh)
     sample_fn = _sample_step(mesh, device)
     tune_fn = None if variant is None else _tune_step(model, mesh, variant, tune_batch,
                                                       plan.mode)
     metrics_fn = _metrics_step(model, mesh, plan.mode)
     bar = progress_bar(plan.num_chip_chunks * (plan.num_image_chunks + (tune_fn is not None)),
-                       "chips", progress, unit="chunk")
+                       "chips", progress and is_primary(), unit="chunk")
     correct = np.zeros(plan.num_chip_chunks * plan.chips, np.int64)
     loss = np.zeros(plan.num_chip_chunks * plan.chips, np.float64)
     for c in range(plan.num_chip_chunks):
-        keys = jax.device_put(devices.chip_keys(key, plan.chips, start=c * plan.chips),
-                              chip_sharding)
+        keys = shard_rows(devices.chip_keys(key, plan.chips, start=c * plan.chips), mesh)
         chip = sample_fn(keys, tmpl_r, np.float32(t))
         tune = None
         if tune_fn is not None:
-            tune = tune_fn(var_r, chip, calib, stats)
+            tune = tune_fn(var_r, chip, keys, calib, stats)
             bar.update(1)
         parts = []
         for j in range(plan.num_image_chunks):
-            parts.append(metrics_fn(var_r, chip, tune, xs_r, ys_r, ms_r, np.int32(j)))
+            parts.append(metrics_fn(var_r, chip, keys, tune, xs_r, ys_r, ms_r, np.int32(j)))
             bar.update(1)
         sl = slice(c * plan.chips, (c + 1) * plan.chips)
-        for cc, ll in parts:
-            correct[sl] += np.asarray(cc)
+        for cc, ll in to_host(parts):
+            correct[sl] += cc
             loss[sl] += np.asarray(ll, np.float64)
     bar.close()
     seconds = time.perf_counter() - start
@@ -507,21 +517,19 @@ def tune_chips(model, variables, device: devices.Device, key, num_chips: int,
     plan = plan_chunks(model, num_chips, calib_batch, device=device,
                        num_devices=mesh.devices.size, budget_bytes=budget_bytes,
                        chips_per_chunk=chips_per_chunk, calib_images=calib_batch, mode=mode)
-    rep, chip_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
     template = analog_kernels(variables)
-    var_r, tmpl_r, calib, stats = jax.device_put((variables, template, calib, stats), rep)
+    var_r, tmpl_r, calib, stats = replicate((variables, template, calib, stats), mesh)
     sample_fn = _sample_step(mesh, device)
     tune_fn = _tune_step(model, mesh, variant, tune_batch, plan.mode)
-    bar = progress_bar(plan.num_chip_chunks, "tune", progress, unit="chunk")
+    bar = progress_bar(plan.num_chip_chunks, "tune", progress and is_primary(), unit="chunk")
     outs = []
     for c in range(plan.num_chip_chunks):
-        keys = jax.device_put(devices.chip_keys(key, plan.chips, start=c * plan.chips),
-                              chip_sharding)
-        outs.append(tune_fn(var_r, sample_fn(keys, tmpl_r, np.float32(t)), calib, stats))
+        keys = shard_rows(devices.chip_keys(key, plan.chips, start=c * plan.chips), mesh)
+        outs.append(tune_fn(var_r, sample_fn(keys, tmpl_r, np.float32(t)), keys, calib, stats))
         bar.update(1)
     bar.close()
-    tune = jax.tree_util.tree_map(lambda *a: np.concatenate([np.asarray(x) for x in a])[:num_chips],
-                                  *outs)
+    outs = to_host(outs)
+    tune = jax.tree_util.tree_map(lambda *a: np.concatenate(a)[:num_chips], *outs)
     return selftune.TuneResult(tune, tuning.cost(model))
 
 
@@ -534,8 +542,11 @@ def evaluate_loop(model, variables, device: devices.Device, key, num_chips: int,
     template = analog_kernels(variables)
 
     @jax.jit
-    def correct(variables, k, x, y):
+    def correct(variables, k, x, y, first):
         chip = devices.at_time(devices.sample_chip(k, device, template), t)
+        if device.needs_key:
+            ids = first + jnp.arange(x.shape[0], dtype=jnp.uint32)
+            chip = devices.with_read_keys(chip, devices.read_keys(k[None], ids, EVAL_READS)[0])
         logits = model.apply(with_chip(variables, chip), x)
         return jnp.sum(jnp.argmax(logits, -1) == y)
 
@@ -545,6 +556,6 @@ def evaluate_loop(model, variables, device: devices.Device, key, num_chips: int,
         total = 0
         for s in range(0, images.shape[0], batch_size):
             sl = slice(s, s + batch_size)
-            total += int(correct(variables, keys[i], images[sl], labels[sl]))
+            total += int(correct(variables, keys[i], images[sl], labels[sl], np.uint32(s)))
         out[i] = total / images.shape[0]
     return out

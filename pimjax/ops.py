@@ -93,7 +93,7 @@ def conv2d(x, w, strides: Sequence[int] = (1, 1), padding="SAME", grad: str = "a
     strides = tuple(int(s) for s in strides)
     if len(strides) != 2:
         raise ValueError(f"conv2d strides must have 2 entries, got {strides}")
-    pads = _pads(x.shape, w.shape, strides, padding)
+    pads = explicit_pads(x.shape, w.shape, strides, padding)
     if grad == "auto":
         native = (cpu_flags_applied() and strides == (1, 1)
                   and x.shape[3] >= NATIVE_GRAD_MIN_CIN)
@@ -275,7 +275,7 @@ def _xgrad_col2im(g, w, hw, strides, pads):
 # --------------------------------------------------------------------------- helpers
 
 
-def _pads(x_shape, w_shape, strides, padding) -> Pads:
+def explicit_pads(x_shape, w_shape, strides, padding) -> Pads:
     """Explicit ``((lo, hi), (lo, hi))`` pads of a "SAME"/"VALID"/explicit padding."""
     if isinstance(padding, str):
         padding = lax.padtype_to_pads(x_shape[1:3], w_shape[:2], strides, padding.upper())

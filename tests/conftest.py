@@ -16,6 +16,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import pytest
+
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
@@ -27,7 +29,6 @@ from pimjax import runtime  # noqa: E402  (after XLA_FLAGS is set, before JAX st
 runtime.configure(compile_cache=os.environ.get(
     "PIMJAX_TEST_COMPILE_CACHE", str(Path(tempfile.gettempdir()) / "pimjax-test-jax-cache")))
 
-import pytest  # noqa: E402
 from helpers import TEST_IMAGES, TRAIN_IMAGES, run_config  # noqa: E402
 
 from pimjax import data  # noqa: E402
@@ -70,3 +71,10 @@ def trained(mnist, tmp_path_factory) -> dict:
                          num_devices=1, progress=False)
         runs[method] = Run(config, result, workdir)
     return runs
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    """No test reaches the internet: dataset downloads are off unless a test turns them on."""
+    monkeypatch.setenv("PIMJAX_OFFLINE", "1")
+    monkeypatch.delenv("PIMJAX_DOWNLOAD_URL", raising=False)

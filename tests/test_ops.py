@@ -113,7 +113,7 @@ def test_each_formulation(case, monkeypatch):
     y = jax.eval_shape(lambda x, w: ref_conv(x, w, strides, padding), x, w)
     g = jnp.asarray(np.random.default_rng(2).standard_normal(y.shape), jnp.float32)
     rx, rw = jax.jit(vjp_fn(ref_conv, strides, padding))(x, w, g)
-    pads = ops._pads(x.shape, w.shape, strides, padding)
+    pads = ops.explicit_pads(x.shape, w.shape, strides, padding)
 
     @jax.jit
     def grads(x, w, g):

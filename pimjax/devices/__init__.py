@@ -8,14 +8,21 @@ from pimjax.devices.base import (
     Device,
     at_time,
     chip_keys,
+    fold_keys,
     is_chip_layer,
     num_chips,
     part_key,
+    read_keys,
     sample_chip,
     sample_chips,
+    with_read_keys,
 )
+from pimjax.devices.compensation import GlobalDriftCompensation
 from pimjax.devices.config import PRESETS, DeviceConfig
-from pimjax.devices.presets import from_variability, ideal, paper
+from pimjax.devices.faults import StuckAt
+from pimjax.devices.pcm import PCM
+from pimjax.devices.periphery import Periphery
+from pimjax.devices.presets import from_variability, ideal, paper, pcm
 from pimjax.devices.variability import (
     DISTRIBUTIONS,
     GRANULARITIES,
@@ -25,8 +32,9 @@ from pimjax.devices.variability import (
 )
 
 __all__ = [
-    "DISTRIBUTIONS", "GRANULARITIES", "PRESETS", "ChipLayer", "Device", "DeviceConfig",
-    "VariabilityModel", "at_time", "between_factors", "chip_keys", "from_variability", "ideal",
-    "is_chip_layer", "num_chips", "paper", "part_key", "sample_chip", "sample_chips",
-    "sign_flipped",
+    "DISTRIBUTIONS", "GRANULARITIES", "PCM", "PRESETS", "ChipLayer", "Device", "DeviceConfig",
+    "GlobalDriftCompensation", "Periphery", "StuckAt", "VariabilityModel", "at_time",
+    "between_factors", "chip_keys", "fold_keys", "from_variability", "ideal", "is_chip_layer",
+    "num_chips", "paper", "part_key", "pcm", "read_keys", "sample_chip", "sample_chips",
+    "sign_flipped", "with_read_keys",
 ]

@@ -5,11 +5,18 @@ multiplicative variability, PCM programming noise, drift, ...), applied in order
 quantized weight, and optionally a *periphery* (DAC, ADC, output noise, tiles) around each
 matrix-vector multiplication. A part is a frozen dataclass with two pure methods:
 
-* ``sample(key, shapes) -> tuple``: the chip-fixed state of every analog layer (one pytree of
-  arrays per kernel shape), from one key. It depends on the key and the shapes only, never on
-  the weights, so training (whose weights change every step) and evaluation share it.
+* ``sample(key, template) -> tree``: the chip-fixed state of every analog layer (a pytree of
+  arrays per leaf of ``template``, the analog kernels or their shapes), from one key. It
+  depends on the key and the shapes only, never on the weights, so training (whose weights
+  change every step) and evaluation share it.
 * ``apply(w, state, t) -> w``: one layer's weight after the part, at read time ``t`` (seconds
-  since programming). ``w`` and the state may carry a leading chip axis.
+  since programming). For a chip batch ``w`` is ``[C, *kernel]``, the state leaves carry the
+  same leading ``C`` and ``t`` has shape ``(C,)``.
+
+Per-read noise (the periphery's output noise) is drawn from a key: the Flax rng stream
+``"read"`` of the forward pass, or keys stored on the chip by :func:`with_read_keys` (one per
+image, or per chip and image), which is how a Monte-Carlo sweep stays independent of its
+chunking.
 
 A **chip** has the structure of the analog kernels (:func:`pimjax.introspect.analog_kernels`):
 ``{"Conv_0": {"kernel": ChipLayer}, ...}``, and goes into the Flax ``"chip"`` collection. A
@@ -39,25 +46,35 @@ PART_STREAM = 1 << 16  # fold_in tags of weight parts after the first (see part_
 class WeightPart(Protocol):
     """A non-ideality of the stored weights (see the module docstring)."""
 
-    def sample(self, key, shapes) -> tuple: ...
+    def sample(self, key, template): ...
 
     def apply(self, w, state, t): ...
 
 
-class Periphery(Protocol):
+class PeripheryPart(Protocol):
     """What a chip does around each matrix-vector multiplication (DAC, ADC, noise, tiles)."""
 
     needs_key: bool
 
-    def apply(self, x, w_eff, w_nominal, linear: Callable, key): ...
+    def forward(self, x, w_eff, w_nominal, key, conv): ...
+
+
+class Compensation(Protocol):
+    """A per-layer output gain the chip computes from its own state (e.g. drift compensation)."""
+
+    def sample(self, key, template): ...
+
+    def gain(self, chip_layer, w_nominal, state): ...
 
 
 @dataclasses.dataclass(frozen=True)
 class Device:
-    """A device: weight parts applied in order, and an optional periphery."""
+    """A device: weight parts applied in order, an optional periphery, an optional
+    compensation of the outputs."""
 
     weights: tuple[Any, ...] = ()
     periphery: Any = None
+    compensation: Any = None
     name: str = "custom"
 
     def __post_init__(self):
@@ -76,18 +93,21 @@ class Device:
 
     @property
     def is_ideal(self) -> bool:
-        """True when the device changes nothing: no weight parts and no periphery."""
-        return not self.weights and self.periphery is None
+        """True when the device changes nothing: no parts, no periphery, no compensation."""
+        return not self.weights and self.periphery is None and self.compensation is None
 
 
 @flax.struct.dataclass
 class ChipLayer:
     """One analog layer of a chip: its parts' states, the read time and the device."""
 
-    states: tuple
-    t: jax.Array
-    device: Device = flax.struct.field(pytree_node=False)
+    states: tuple  # one state per weight part of the device
+    t: jax.Array  # seconds since programming: () for one chip, (C,) for a chip batch
+    compensation: Any = None  # the compensation's state (None without one)
+    read_key: jax.Array | None = None  # per-image (or chip-and-image) read keys, if set
+    device: Device = flax.struct.field(pytree_node=False, default=None)
     shape: tuple = flax.struct.field(pytree_node=False, default=())  # the layer's kernel shape
+    index: int = flax.struct.field(pytree_node=False, default=0)  # the layer's position
 
     @property
     def num_chips(self) -> int | None:
@@ -96,29 +116,45 @@ class ChipLayer:
 
     @property
     def needs_key(self) -> bool:
-        """True when :meth:`forward` needs a fresh key at every read."""
-        return self.device.needs_key
+        """True when :meth:`forward` draws per-read noise and no read keys are stored."""
+        return self.device.needs_key and self.read_key is None
 
-    def weights(self, w):
-        """The weights the crossbar computes with: ``w`` after every weight part, in order.
-
-        For a chip batch the result has a leading chip axis.
-        """
-        t = self.t if self.num_chips is None else self.t.reshape((-1,) + (1,) * jnp.ndim(w))
+    def weights(self, w, t=None):
+        """The weights the crossbar computes with: ``w`` after every weight part, at ``t``
+        (default: the chip's read time). A chip batch gives ``[C, *kernel]``."""
+        t = self.t if t is None else jnp.broadcast_to(jnp.asarray(t, jnp.float32), self.t.shape)
+        if self.num_chips is not None:
+            w = jnp.broadcast_to(w, (self.num_chips, *jnp.shape(w)))
         for part, state in zip(self.device.weights, self.states, strict=True):
             w = part.apply(w, state, t)
         return w
 
-    def forward(self, x, w, linear: Callable, key=None):
-        """The layer's MVM on this chip: ``linear(x, w_eff)`` inside the device's periphery.
+    def forward(self, x, w, linear: Callable, key=None, conv=None):
+        """The layer's MVM on this chip: ``linear(x, w_eff)``, or the device's periphery.
 
-        ``w`` is the quantized kernel, ``linear(x, w)`` the layer's conv or matmul (for a chip
-        batch it takes ``w [C, *kernel]``); ``key`` is the read key when :attr:`needs_key`.
+        ``w`` is the quantized kernel, ``linear(x, w)`` the layer's ideal conv or matmul (for
+        a chip batch it takes ``w [C, *kernel]``), ``conv`` the ``(strides, padding)`` of a conv
+        layer (None: dense). ``key`` is the read key when :attr:`needs_key`.
         """
         w_eff = self.weights(w)
         if self.device.periphery is None:
-            return linear(x, w_eff)
-        return self.device.periphery.apply(x, w_eff, w, linear, key)
+            y = linear(x, w_eff)
+        else:
+            if self.read_key is not None:
+                key = fold_keys(self.read_key, self.index)
+            y = self.device.periphery.forward(x, w_eff, w, key, conv)
+        if self.device.compensation is not None:
+            g = self.device.compensation.gain(self, w, self.compensation)
+            y = y * (g if self.num_chips is None else g.reshape((-1,) + (1,) * (y.ndim - 1)))
+        return y
+
+
+def fold_keys(keys, data: int):
+    """``fold_in(k, data)`` of every key of a key array of any shape."""
+    keys = jnp.asarray(keys)
+    flat = keys.reshape(-1)
+    out = jax.vmap(lambda k: jax.random.fold_in(k, data))(flat)
+    return out.reshape(keys.shape)
 
 
 def part_key(key, index: int):
@@ -126,12 +162,8 @@ def part_key(key, index: int):
     return key if index == 0 else jax.random.fold_in(key, PART_STREAM + index)
 
 
-def _shapes(template) -> tuple:
-    leaves = jax.tree_util.tree_leaves(template)
-    if not leaves:
-        raise ValueError("template has no arrays: pass the model's analog kernels "
-                         "(pimjax.introspect.analog_kernels(variables))")
-    return tuple(tuple(leaf.shape) for leaf in leaves)
+COMPENSATION_STREAM = PART_STREAM - 1  # fold_in tag of the compensation's state
+READ_STREAM = PART_STREAM - 2  # fold_in tag of a chip's per-read keys
 
 
 def sample_chip(key, device: Device, template):
@@ -143,11 +175,20 @@ def sample_chip(key, device: Device, template):
     if not isinstance(device, Device):
         raise ValueError(f"device must be a pimjax.devices.Device, got {type(device).__name__}: "
                          "build one with pimjax.devices.paper(...), pcm(...) or ideal()")
-    shapes = _shapes(template)
-    states = [part.sample(part_key(key, j), shapes) for j, part in enumerate(device.weights)]
-    layers = [ChipLayer(tuple(s[i] for s in states), jnp.zeros((), jnp.float32), device, shape)
-              for i, shape in enumerate(shapes)]
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), layers)
+    leaves, treedef = jax.tree_util.tree_flatten(template)
+    if not leaves:
+        raise ValueError("template has no arrays: pass the model's analog kernels "
+                         "(pimjax.introspect.analog_kernels(variables))")
+    per_part = [treedef.flatten_up_to(part.sample(part_key(key, j), template))
+                for j, part in enumerate(device.weights)]
+    comp = [None] * len(leaves)
+    if device.compensation is not None:
+        comp = treedef.flatten_up_to(device.compensation.sample(
+            jax.random.fold_in(key, COMPENSATION_STREAM), template))
+    layers = [ChipLayer(tuple(p[i] for p in per_part), jnp.zeros((), jnp.float32), comp[i],
+                        None, device, tuple(jnp.shape(leaf)), i)
+              for i, leaf in enumerate(leaves)]
+    return jax.tree_util.tree_unflatten(treedef, layers)
 
 
 def chip_keys(key, num_chips: int, start: int = 0):
@@ -175,6 +216,30 @@ def at_time(chip, t):
         return layer.replace(t=jnp.broadcast_to(jnp.asarray(t, jnp.float32), layer.t.shape))
 
     return jax.tree_util.tree_map(set_t, chip, is_leaf=is_chip_layer)
+
+
+def read_keys(chip_keys, image_ids, stream: int = 0):
+    """``[C, B]`` keys of reading images ``image_ids [B]`` on the chips of ``chip_keys [C]``.
+
+    The key of (chip, image) depends on the chip's key and the image's id only, so a sweep
+    draws the same noise for it whatever its chunking; ``stream`` separates uses (0:
+    evaluation, 1: self-tuning's calibration reads).
+    """
+    def per_chip(k):
+        root = jax.random.fold_in(jax.random.fold_in(k, READ_STREAM), stream)
+        return jax.vmap(lambda n: jax.random.fold_in(root, n))(image_ids)
+
+    return jax.vmap(per_chip)(chip_keys)
+
+
+def with_read_keys(chip, keys):
+    """The chip with per-read keys stored on every layer (None removes them).
+
+    ``keys``: one key per image ``[B]`` (one chip), or per chip and image ``[C, B]`` (a chip
+    batch); each layer folds in its index, so every (chip, image, layer) draws its own noise.
+    """
+    return jax.tree_util.tree_map(lambda layer: layer.replace(read_key=keys), chip,
+                                  is_leaf=is_chip_layer)
 
 
 def num_chips(chip) -> int | None:

@@ -94,20 +94,21 @@ class VariabilityModel:
         return math.exp((self.sigma_within**2 + self.sigma_between**2) / 2)
 
 
-    def sample(self, key, shapes):
-        """The factor array of every layer (``shapes``: the analog kernels' shapes, in order)."""
-        if not shapes:
-            raise ValueError("the model has no analog kernels to sample a chip for")
+    def sample(self, key, template):
+        """The factor array of every layer of ``template`` (the analog kernels; shapes only)."""
+        leaves, treedef = jax.tree_util.tree_flatten(template)
+        if not leaves:
+            raise ValueError("template has no arrays: pass the model's analog kernels")
         k_within = jax.random.fold_in(key, _WITHIN)
-        between = between_factors(key, self, shapes)
+        between = jax.tree_util.tree_leaves(between_factors(key, self, template))
         factors = []
-        for i, (shape, b) in enumerate(zip(shapes, between, strict=True)):
-            f = jnp.ones(tuple(shape), jnp.float32)
+        for i, (leaf, b) in enumerate(zip(leaves, between, strict=True)):
+            f = jnp.ones(tuple(jnp.shape(leaf)), jnp.float32)
             if self.sigma_within > 0:
                 f = _draw(jax.random.fold_in(k_within, i), f.shape, self.sigma_within,
                           self.distribution)
             factors.append(f * b if self.sigma_between > 0 else f)
-        return tuple(factors)
+        return jax.tree_util.tree_unflatten(treedef, factors)
 
     def apply(self, w, state, t):
         """The weight times this layer's factor (``state``); time has no effect."""
@@ -134,8 +135,8 @@ def _draw(key, shape, sigma, distribution):
     return 1.0 + sigma * z if distribution == "normal" else jnp.exp(sigma * z)
 
 
-def between_factors(key, variability: VariabilityModel, shapes) -> tuple:
-    """The between-chip factors of the chip drawn from ``key``, one per layer shape.
+def between_factors(key, variability: VariabilityModel, template):
+    """The between-chip factors of the chip drawn from ``key``, one per layer of ``template``.
 
     Each is a scalar (granularity ``chip``, the same for every layer, or ``layer``) or a
     ``[1, ..., 1, out]`` array (``column``); all ones when ``sigma_between`` is 0. They are
@@ -145,9 +146,10 @@ def between_factors(key, variability: VariabilityModel, shapes) -> tuple:
     sigma, dist, gran = (variability.sigma_between, variability.distribution,
                          variability.between_granularity)
     chip_factor = _draw(k_between, (), sigma, dist)
+    leaves, treedef = jax.tree_util.tree_flatten(template)
     out = []
-    for i, shape in enumerate(shapes):
-        shape = tuple(shape)
+    for i, leaf in enumerate(leaves):
+        shape = tuple(jnp.shape(leaf))
         if sigma == 0:
             out.append(jnp.ones((), jnp.float32))
         elif gran == "chip":
@@ -155,14 +157,14 @@ def between_factors(key, variability: VariabilityModel, shapes) -> tuple:
         else:  # "layer": one factor; "column": one per output column (the last axis)
             col_shape = () if gran == "layer" else (1,) * (len(shape) - 1) + shape[-1:]
             out.append(_draw(jax.random.fold_in(k_between, i + 1), col_shape, sigma, dist))
-    return tuple(out)
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def sign_flipped(key, variability: VariabilityModel, shapes):
+def sign_flipped(key, variability: VariabilityModel, template):
     """Whether the chip drawn from ``key`` has a negative between-chip factor somewhere.
 
     A negative factor flips the sign of a whole layer (or column); only the ``normal``
     distribution can draw one. vmap it over :func:`pimjax.devices.chip_keys` for many chips.
     """
-    factors = between_factors(key, variability, shapes)
+    factors = jax.tree_util.tree_leaves(between_factors(key, variability, template))
     return jnp.any(jnp.stack([jnp.any(b < 0) for b in factors]))

@@ -1,0 +1,262 @@
+"""Crossbar periphery: noise management, input DAC, tiles, output noise and ADC (pure).
+
+The analog forward pass of IBM aihwkit 1.1's ``TorchInferenceRPUConfig``
+(``aihwkit/simulator/tiles/analog_mvm.py``, ``AnalogMVM`` with the ``IOParameters``
+defaults) on one crossbar MVM ``y = x W``, ``x [..., K]``, ``W [K, N]``:
+
+1. the rows are split into tiles of at most ``max_input_size`` rows (aihwkit
+   ``TileModuleArray.get_split_sizes``: ``n = ceil(K / max)`` tiles of near-equal size);
+2. per tile and input vector, *noise management* divides the input by its abs-max ``a``;
+3. the DAC rounds to a step ``2 inp_bound / (2^inp_bits - 2)`` and clips to ``±inp_bound``;
+4. the tile computes with the weights normalised by the mapping ``scale`` (max|w|, per
+   layer or column: aihwkit's ``weight_scaling_omega = 1``), adds Gaussian output noise
+   ``out_noise`` (re-drawn at every read), and the ADC rounds to a step
+   ``2 out_bound / (2^out_bits - 2)`` and clips to ``±out_bound``;
+5. the digital periphery multiplies each tile's output back by ``a`` (and the bound-management
+   factor) and sums the tiles; the result is multiplied by ``scale``.
+
+With ``bound_management="iterative"`` a vector whose tile output clips is recomputed with its
+input halved, up to aihwkit's limit (``max_bm_factor``, ``max_bm_res``); pimjax decides per
+input vector and tile (RPUCuda's semantics; the torch tile tests the whole batch at once).
+
+A conv runs as MVMs of its im2col patches in ``(c, kh, kw)`` order (aihwkit unfolds with
+``torch.nn.functional.unfold``), so noise management, the DAC and tiles act per patch.
+
+Keys: ``key`` is one PRNG key, or an array of keys whose shape is a prefix of the output's
+shape (e.g. one per ``(chip, image)``); each key then draws the noise of its own slice, so
+results do not depend on how a batch is chunked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from pimjax.devices.mapping import broadcast_scale, mapping_scale
+from pimjax.quant import round_ste
+
+NOISE_MANAGEMENTS = ("abs_max", "none")
+BOUND_MANAGEMENTS = ("none", "iterative")
+
+
+def split_sizes(size: int, max_size: int) -> list[int]:
+    """Rows per tile: ``ceil(size / max_size)`` near-equal tiles (aihwkit's split)."""
+    if max_size <= 0 or size <= max_size:
+        return [size]
+    n = (size + max_size - 1) // max_size
+    base, extra = divmod(size, n)
+    return [base + (i < extra) for i in range(n)]
+
+
+def quantize_uniform(x, bits: int | None, bound: float):
+    """Round to aihwkit's grid ``step = 2 bound / (2^bits - 2)`` and clip to ``±bound`` (STE).
+
+    ``bits=None`` only clips. The rounding gradient is the identity; the clip's is zero
+    outside the bound (aihwkit ``UniformQuantize`` then ``clamp``).
+    """
+    if bits is not None:
+        step = 2.0 * bound / (2**bits - 2)
+        x = round_ste(x / step) * step
+    return clip(x, bound)
+
+
+def clip(x, bound):
+    """Clip to ``±bound``; gradient 1 inside and on the bound, 0 beyond (torch's clamp)."""
+    return jnp.where(x > bound, bound, jnp.where(x < -bound, -bound, x))
+
+
+def conv_patches(x, kernel_size, strides=(1, 1), padding="SAME"):
+    """im2col: ``x [..., H, W, C] -> [..., H', W', C*kh*kw]``, each patch in (c, kh, kw) order."""
+    lead = x.shape[:-3]
+    p = jax.lax.conv_general_dilated_patches(
+        x.reshape((-1, *x.shape[-3:])), tuple(kernel_size), tuple(strides), padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return p.reshape((*lead, *p.shape[-3:]))
+
+
+def kernel_rows(w):
+    """A conv kernel ``[..., kh, kw, C, O]`` as crossbar rows ``[..., C*kh*kw, O]`` (c, kh, kw)."""
+    *lead, kh, kw, c, o = w.shape
+    w = jnp.moveaxis(w, -2, -4)  # [..., C, kh, kw, O]
+    return w.reshape((*lead, c * kh * kw, o))
+
+
+def _as_typed_key(key):
+    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return key
+    return jax.random.wrap_key_data(key)
+
+
+def read_noise(key, shape, draws: int = 1):
+    """``[draws, *shape]`` standard normals; a key batch (a prefix of ``shape``) draws per slice."""
+    key = _as_typed_key(key)
+    nb = key.ndim
+    if tuple(shape[:nb]) != tuple(key.shape):
+        raise ValueError(
+            f"key batch shape {key.shape} must be a prefix of the output shape {tuple(shape)}")
+    flat = key.reshape(-1)
+    z = jax.vmap(lambda k: jax.random.normal(k, (draws, *shape[nb:]), jnp.float32))(flat)
+    z = z.reshape((*key.shape, draws, *shape[nb:]))
+    return jnp.moveaxis(z, nb, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Periphery:
+    """DAC/ADC resolution and bounds, output noise and tile size (aihwkit 1.1 defaults)."""
+
+    inp_bits: int | None = 7
+    inp_bound: float = 1.0
+    out_bits: int | None = 9
+    out_bound: float = 12.0
+    out_noise: float = 0.06
+    max_input_size: int = 512
+    noise_management: str = "abs_max"
+    bound_management: str = "none"
+    max_bm_factor: int = 1000
+    max_bm_res: float = 0.25
+    per_column: bool = False  # the weight normalisation (mapping scale) per output column
+
+    def __post_init__(self):
+        for field in ("inp_bits", "out_bits"):
+            v = getattr(self, field)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 2):
+                raise ValueError(f"{field}={v!r} must be an integer >= 2, or None (no rounding)")
+        for field in ("inp_bound", "out_bound"):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"{field}={v!r} must be a number > 0 (math.inf: no clipping)")
+        v = self.out_noise
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (
+                v >= 0 and math.isfinite(v)):
+            raise ValueError(f"out_noise={v!r} must be a finite number >= 0")
+        v = self.max_input_size
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"max_input_size={v!r} must be an integer >= 0 (0: one tile)")
+        if self.noise_management not in NOISE_MANAGEMENTS:
+            raise ValueError(f"noise_management={self.noise_management!r} is unknown: "
+                             f"use one of {NOISE_MANAGEMENTS}")
+        if self.bound_management not in BOUND_MANAGEMENTS:
+            raise ValueError(f"bound_management={self.bound_management!r} is unknown: "
+                             f"use one of {BOUND_MANAGEMENTS}")
+        if not self.max_bm_factor >= 1 or not self.max_bm_res > 0:
+            raise ValueError("max_bm_factor must be >= 1 and max_bm_res > 0")
+
+    @property
+    def needs_key(self) -> bool:
+        """True when a read draws output noise (then every MVM needs a key)."""
+        return self.out_noise > 0
+
+    @property
+    def bm_rounds(self) -> int:
+        """Number of input reductions (1, 2, 4, ...) bound management may try."""
+        if self.bound_management == "none":
+            return 1
+        limit = float(self.max_bm_factor)
+        if self.inp_bits is not None:
+            inp_res = 2.0 * self.inp_bound / (2**self.inp_bits - 2)
+            limit = min(limit, self.max_bm_res / inp_res)
+        k = 0
+        while 2.0**k <= limit:  # aihwkit stops once the reduction exceeds the limit
+            k += 1
+        return k + 1
+
+    def _tile(self, x, w, noise, batched, x_per_chip):
+        """One tile: NM, DAC, MVM with normalised weights, noise, ADC, de-normalisation."""
+        if self.noise_management == "abs_max":
+            a = jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=-1, keepdims=True))
+            a = jnp.where(a > 0, a, 1.0)
+        else:
+            a = jnp.ones(x.shape[:-1] + (1,), x.dtype)
+        a_y = a[None] if batched and not x_per_chip else a  # shared input: broadcast over chips
+        outs, clipping = [], []
+        for r in range(self.bm_rounds):
+            red = 2.0**r
+            xq = quantize_uniform(x / (a * red), self.inp_bits, self.inp_bound)
+            if batched:
+                eq = "...k,ckn->c...n" if not x_per_chip else "c...k,ckn->c...n"
+                y = jnp.einsum(eq, xq, w)
+            else:
+                y = xq @ w
+            if noise is not None:
+                y = y + self.out_noise * noise[r]
+            if self.out_bits is not None:
+                step = 2.0 * self.out_bound / (2**self.out_bits - 2)
+                y = round_ste(y / step) * step
+            clipping.append(jnp.any(jnp.abs(y) > self.out_bound, axis=-1, keepdims=True))
+            outs.append(clip(y, self.out_bound) * (a_y * red))
+        y = outs[-1]
+        for r in range(self.bm_rounds - 2, -1, -1):  # the first round that does not clip
+            y = jnp.where(clipping[r], y, outs[r])
+        return y
+
+    def forward(self, x, w_eff, w_nominal, key=None, conv=None):
+        """One analog layer's MVM: ``w_eff`` (the chip's weights, ``[C, *kernel]`` for a chip
+        batch) normalised by the mapping scale of the quantized kernel ``w_nominal``; ``conv``
+        is the ``(strides, padding)`` of a conv layer, None for a dense one."""
+        scale = mapping_scale(w_nominal, self.per_column)
+        if jnp.ndim(w_eff) > jnp.ndim(w_nominal):  # a chip batch: one scale per chip
+            scale = jnp.broadcast_to(scale, (w_eff.shape[0], *scale.shape))
+        if conv is None:
+            return self.matmul(x, w_eff, scale, key)
+        strides, padding = conv
+        return self.conv2d(x, w_eff, scale, strides, padding, key)
+
+    def matmul(self, x, w, scale, key=None):
+        """``x @ w`` through the periphery: ``x [..., K]``, ``w [K, N]``, ``scale`` () or (N,).
+
+        A chip batch: ``w [C, K, N]``, ``scale [C]`` or ``[C, N]``, ``x [B, K]`` (shared by
+        all chips) or ``[C, B, K]``; returns ``[C, B, N]``. ``key`` is needed when
+        :attr:`needs_key`.
+        """
+        return self._rows(x, w, scale, key, batched=w.ndim == 3,
+                          x_per_chip=w.ndim == 3 and x.ndim == 3)
+
+    def dense(self, x, w, scale, key=None):
+        """A dense layer's MVM through the periphery (same shapes as :meth:`matmul`)."""
+        return self.matmul(x, w, scale, key)
+
+    def conv2d(self, x, w, scale, strides=(1, 1), padding="SAME", key=None):
+        """An NHWC conv as crossbar MVMs of its (c, kh, kw) patches.
+
+        ``w [kh, kw, C, O]`` with ``x [..., H, W, C]``, or a chip batch ``w [Cs, kh, kw, C, O]``
+        with ``x [B, H, W, C]`` (shared) or ``[Cs, B, H, W, C]``; ``scale`` as in :meth:`matmul`.
+        """
+        batched = w.ndim == 5
+        kernel_size = w.shape[-4:-2]
+        patches = conv_patches(x, kernel_size, strides, padding)
+        return self._rows(patches, kernel_rows(w), scale, key, batched=batched,
+                          x_per_chip=batched and x.ndim == 5)
+
+    def _rows(self, x, w, scale, key, batched, x_per_chip):
+        scale = jnp.asarray(scale, jnp.float32)
+        if batched:
+            s = scale.reshape(scale.shape[:1] + (1,) * (w.ndim - scale.ndim) + scale.shape[1:])
+            w_n = w / s
+            lead = x.shape[1:-1] if x_per_chip else x.shape[:-1]
+            out_shape = (w.shape[0], *lead, w.shape[-1])
+            scale_y = scale.reshape(scale.shape[:1] + (1,) * (len(out_shape) - scale.ndim)
+                                    + scale.shape[1:])
+        else:
+            w_n = w / broadcast_scale(scale, w)
+            out_shape = (*x.shape[:-1], w.shape[-1])
+            scale_y = scale
+        if x.shape[-1] != w.shape[-2]:
+            raise ValueError(f"input has {x.shape[-1]} rows per vector, the weights {w.shape[-2]}")
+        sizes = split_sizes(x.shape[-1], self.max_input_size)
+        noise = None
+        if self.needs_key:
+            if key is None:
+                raise ValueError("this periphery draws output noise: pass a key (rng 'read')")
+            noise = read_noise(key, out_shape, len(sizes) * self.bm_rounds)
+            noise = noise.reshape((len(sizes), self.bm_rounds, *out_shape))
+        y, lo = None, 0
+        for j, n in enumerate(sizes):
+            yt = self._tile(x[..., lo:lo + n], w_n[..., lo:lo + n, :],
+                            None if noise is None else noise[j], batched, x_per_chip)
+            y = yt if y is None else y + yt
+            lo += n
+        return y * scale_y
