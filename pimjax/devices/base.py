@@ -83,7 +83,7 @@ class Device:
         for part in self.weights:
             if not (callable(getattr(part, "sample", None)) and callable(getattr(part, "apply",
                                                                                  None))):
-                raise ValueError(f"device part {part!r} needs sample(key, shapes) and "
+                raise ValueError(f"device part {part!r} needs sample(key, template) and "
                                  "apply(w, state, t) methods")
 
     @property
