@@ -45,8 +45,8 @@ class Scale:
     """A test weight part: the weight times its state. Chips of it are built by
     :func:`factor_chip` with given factors (sampling gives factors of one)."""
 
-    def sample(self, key, shapes):
-        return tuple(jnp.ones(shape, jnp.float32) for shape in shapes)
+    def sample(self, key, template):
+        return jax.tree.map(lambda leaf: jnp.ones(jnp.shape(leaf), jnp.float32), template)
 
     def apply(self, w, state, t):
         return w * state
@@ -66,10 +66,10 @@ def factor_chip(template, factors, num_chips: int | None = None):
     leaves, treedef = jax.tree_util.tree_flatten(template)
     lead = () if num_chips is None else (num_chips,)
     layers = []
-    for f, leaf in zip(factors, leaves, strict=True):
+    for i, (f, leaf) in enumerate(zip(factors, leaves, strict=True)):
         state = jnp.broadcast_to(jnp.asarray(f, jnp.float32), (*lead, *leaf.shape))
-        layers.append(ChipLayer((state,), jnp.zeros(lead, jnp.float32), SCALE_DEVICE,
-                                tuple(leaf.shape)))
+        layers.append(ChipLayer(states=(state,), t=jnp.zeros(lead, jnp.float32),
+                                device=SCALE_DEVICE, shape=tuple(leaf.shape), index=i))
     return jax.tree_util.tree_unflatten(treedef, layers)
 
 
@@ -104,10 +104,12 @@ class HashNoise:
 
     sigma: float = 0.3
 
-    def sample(self, key, shapes):
+    def sample(self, key, template):
         words = key_words(key)
-        return tuple(hash_factors(words, i, tuple(shape), self.sigma)
-                     for i, shape in enumerate(shapes))
+        leaves, treedef = jax.tree_util.tree_flatten(template)
+        return jax.tree_util.tree_unflatten(treedef, [
+            hash_factors(words, i, tuple(jnp.shape(leaf)), self.sigma)
+            for i, leaf in enumerate(leaves)])
 
     def apply(self, w, state, t):
         return w * state

@@ -42,6 +42,12 @@ TEMPLATE = {
 SHAPES = ((3, 3, 4, 8), (64, 10))  # TEMPLATE's kernel shapes, in flatten order
 
 
+def kernels(*shapes):
+    """A template of one layer per shape (only the shapes are read)."""
+    return {f"l{i}": {"kernel": jax.ShapeDtypeStruct(s, jnp.float32)}
+            for i, s in enumerate(shapes)}
+
+
 def factors(chip, name="conv"):
     """The paper part's factor array of one layer of a chip (or chip batch)."""
     node = chip[name]
@@ -81,7 +87,7 @@ def _corr_bound(n):
 @pytest.mark.parametrize("sigma", [0.1, 0.5])
 def test_within_factor_moments(dist, moments, sigma):
     vm = VariabilityModel(sigma, 0.0, distribution=dist)
-    (f,) = vm.sample(jax.random.key(1), ((200, 250),))  # 50,000 cells
+    f = vm.sample(jax.random.key(1), kernels((200, 250)))["l0"]["kernel"]  # 50,000 cells
     _check_moments(f, *moments(sigma))
     assert vm.factor_mean() == pytest.approx(moments(sigma)[0])
     assert vm.factor_variance() == pytest.approx(moments(sigma)[1])
@@ -101,7 +107,7 @@ def test_between_factor_moments_across_chips(dist, moments):
 
 
 def test_within_factors_are_independent_across_cells():
-    (f,) = VariabilityModel(0.3).sample(jax.random.key(3), ((20000, 2),))
+    f = VariabilityModel(0.3).sample(jax.random.key(3), kernels((20000, 2)))["l0"]["kernel"]
     a, b = np.asarray(f[:, 0]), np.asarray(f[:, 1])
     assert abs(np.corrcoef(a, b)[0, 1]) < _corr_bound(a.size)
     flat = np.asarray(f).ravel()  # neighbouring cells along the flat layout too
@@ -172,9 +178,9 @@ def test_between_factors_are_what_the_chip_multiplies_in(granularity):
     key = jax.random.key(11)
     chip = sample_chip(key, paper(0.2, 0.3, granularity), TEMPLATE)
     within_only = sample_chip(key, paper(0.2), TEMPLATE)
-    between = between_factors(key, VariabilityModel(0.2, 0.3, granularity), SHAPES)
-    for name, shape, b in zip(TEMPLATE, SHAPES, between, strict=True):
-        b = np.asarray(b)
+    between = between_factors(key, VariabilityModel(0.2, 0.3, granularity), TEMPLATE)
+    for name, shape in zip(TEMPLATE, SHAPES, strict=True):
+        b = np.asarray(between[name]["kernel"])
         assert b.size == (shape[-1] if granularity == "column" else 1)
         np.testing.assert_allclose(factors(chip, name), factors(within_only, name) * b,
                                    rtol=1e-6)
@@ -184,7 +190,7 @@ def test_sign_flipped_rate_and_definition():
     # two layers, normal between factors 1 + z: a chip flips when either factor is < 0
     n, vm = 4000, VariabilityModel(0.0, 1.0, "layer")
     keys = chip_keys(jax.random.key(12), n)
-    flipped = np.asarray(jax.vmap(lambda k: sign_flipped(k, vm, SHAPES))(keys))
+    flipped = np.asarray(jax.vmap(lambda k: sign_flipped(k, vm, TEMPLATE))(keys))
     p = 1 - (1 - 0.5 * math.erfc(1 / math.sqrt(2))) ** 2
     assert abs(flipped.mean() - p) < Z * math.sqrt(p * (1 - p) / n), (flipped.mean(), p)
     # no within variation: the cells show the sign of the between factors
@@ -193,7 +199,7 @@ def test_sign_flipped_rate_and_definition():
                  axis=0)
     np.testing.assert_array_equal(neg, flipped[:50])
     lognormal = VariabilityModel(0.0, 1.0, "layer", "lognormal")
-    assert not np.any(jax.vmap(lambda k: sign_flipped(k, lognormal, SHAPES))(keys[:200]))
+    assert not np.any(jax.vmap(lambda k: sign_flipped(k, lognormal, TEMPLATE))(keys[:200]))
 
 
 # ------------------------------------------------------------------------ keys and chips
@@ -247,12 +253,15 @@ class Drift:
 
     nu: float = 0.5
 
-    def sample(self, key, shapes):
-        keys = jax.random.split(key, len(shapes))
-        return tuple(jax.random.uniform(k, s, minval=0.5, maxval=1.5)
-                     for k, s in zip(keys, shapes, strict=True))
+    def sample(self, key, template):
+        leaves, treedef = jax.tree_util.tree_flatten(template)
+        keys = jax.random.split(key, len(leaves))
+        return jax.tree_util.tree_unflatten(treedef, [
+            jax.random.uniform(k, jnp.shape(leaf), minval=0.5, maxval=1.5)
+            for k, leaf in zip(keys, leaves, strict=True)])
 
     def apply(self, w, state, t):
+        t = jnp.reshape(t, jnp.shape(t) + (1,) * (jnp.ndim(w) - jnp.ndim(t)))  # (C,): a batch
         return w * state * (1.0 + t) ** -self.nu
 
 
@@ -265,9 +274,9 @@ def test_weight_parts_apply_in_order_with_their_own_keys_and_time():
     np.testing.assert_array_equal(factors(chip), factors(sample_chip(key, paper(0.2, 0.1),
                                                                      TEMPLATE)))
     # part 1 from part_key(key, 1), not from the chip key
-    (u_expected, _) = Drift().sample(part_key(key, 1), SHAPES)
+    u_expected = Drift().sample(part_key(key, 1), TEMPLATE)["conv"]["kernel"]
     np.testing.assert_array_equal(chip["conv"]["kernel"].states[1], u_expected)
-    assert not np.array_equal(Drift().sample(key, SHAPES)[0], u_expected)
+    assert not np.array_equal(Drift().sample(key, TEMPLATE)["conv"]["kernel"], u_expected)
     w = jnp.asarray(np.random.default_rng(0).standard_normal((3, 3, 4, 8)), jnp.float32)
     f, u = (np.asarray(s, np.float64) for s in chip["conv"]["kernel"].states)
     for t in (0.0, 3.0):
@@ -301,7 +310,7 @@ def test_ideal_device_and_sigma_zero():
     w = jnp.asarray(np.random.default_rng(1).standard_normal((64, 10)), jnp.float32)
     np.testing.assert_array_equal(chip["dense"]["kernel"].weights(w), w)
     # a paper part with both sigmas 0 draws factors of exactly one
-    for f in VariabilityModel(0.0, 0.0).sample(jax.random.key(0), SHAPES):
+    for f in jax.tree.leaves(VariabilityModel(0.0, 0.0).sample(jax.random.key(0), TEMPLATE)):
         np.testing.assert_array_equal(f, 1.0)
 
 
@@ -357,7 +366,7 @@ def test_bad_input_names_allowed_values():
         sample_chip(jax.random.key(0), paper(0.1), {})
     with pytest.raises(ValueError, match="pimjax.devices.Device"):
         sample_chip(jax.random.key(0), VariabilityModel(0.1), TEMPLATE)
-    with pytest.raises(ValueError, match="sample.*apply"):
+    with pytest.raises(ValueError, match=r"sample\(key, template\).*apply"):
         Device(weights=(object(),))
     with pytest.raises(ValueError, match="not a chip"):
         num_chips({"w": jnp.ones(3)})

@@ -202,8 +202,8 @@ def test_read_noise_periphery_uses_the_read_rng():
         sigma: float = 0.1
         needs_key = True
 
-        def apply(self, x, w_eff, w_nominal, linear, key):
-            y = linear(x, w_eff)
+        def forward(self, x, w_eff, w_nominal, key, conv):  # a dense layer: conv is None
+            y = x @ w_eff
             return y + self.sigma * jax.random.normal(key, y.shape)
 
     layer = AnalogDense(3)

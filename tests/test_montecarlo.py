@@ -216,8 +216,7 @@ def test_lognormal_between_chips_and_digital_first_last(mnist):
     np.testing.assert_allclose(res.accuracy, acc, atol=1.01 / N_IMAGES)
     np.testing.assert_allclose(res.loss, loss, rtol=1e-3)
     # the between-chip factor of a layer is shared by its cells: chips differ layer-wide
-    between = devices.between_factors(keys[0], device.weights[0],
-                                      [k.shape for k in jax.tree.leaves(template)])
+    between = jax.tree.leaves(devices.between_factors(keys[0], device.weights[0], template))
     assert all(np.ndim(b) == 0 for b in between) and len({float(b) for b in between}) == 3
 
 

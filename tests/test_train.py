@@ -31,7 +31,7 @@ from pimjax import checkpoint, devices, montecarlo
 from pimjax import data as pdata
 from pimjax import train as T
 from pimjax.devices import DeviceConfig
-from pimjax.distributed import make_mesh, replicate, shard_batch
+from pimjax.distributed import make_mesh, replicate, shard_rows
 from pimjax.models import ModelConfig, get_model
 from pimjax.quant import QuantConfig
 from pimjax.train import loop
@@ -427,9 +427,9 @@ def test_exploding_loss_raises_and_saves_nothing(mnist, tmp_path):
 
 def _one_step_on(num_devices, state, images, labels, key):
     mesh = make_mesh("batch", jax.local_devices()[:num_devices])
-    batch = shard_batch(mesh, images, labels)
+    batch = shard_rows((images, labels), mesh)
     assert len(batch[0].sharding.device_set) == num_devices
-    new_state, metrics = T.train_step(replicate(mesh, state), batch, key, key, key)
+    new_state, metrics = T.train_step(replicate(state, mesh), batch, key, key, key)
     return jax.device_get((new_state.params, new_state.batch_stats, metrics))
 
 
