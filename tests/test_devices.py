@@ -34,6 +34,10 @@ from pimjax.devices import (
     sign_flipped,
 )
 
+# No test here claims bit-identity across programs: compile at the "fast" XLA level
+# (most optimizations off, see conftest.py).
+pytestmark = pytest.mark.xla_level("fast")
+
 Z = 5.0
 TEMPLATE = {
     "conv": {"kernel": jnp.zeros((3, 3, 4, 8))},

@@ -13,6 +13,10 @@ from pimjax import data, introspect
 from pimjax.layers import intercept_mvm, with_chip, with_tune
 from pimjax.models import get_model
 
+# No test here claims bit-identity across programs: compile at the "fast" XLA level
+# (most optimizations off, see conftest.py).
+pytestmark = pytest.mark.xla_level("fast")
+
 LENET_LAYERS = lenet_oracle.ANALOG
 
 

@@ -22,6 +22,10 @@ from pimjax.layers import (
 from pimjax.models import ModelConfig, get_model
 from pimjax.quant import QuantConfig
 
+# Compile at the "fast" XLA level (most optimizations off, see conftest.py), except the test
+# that claims bit-identity, which runs at the default level users run at.
+pytestmark = pytest.mark.xla_level("fast")
+
 # LeNet-5 quantized; the CIFAR models small and float (a quantized ResNet's MSE weight-scale
 # searches triple its compile time at XLA's default level; the chip path is the same).
 MODELS = {"lenet5": (1.0, "W2A4"), "vgg11": (0.125, "fp"), "resnet20": (0.25, "fp"),
@@ -32,6 +36,7 @@ def _inputs(shape, batch=2, seed=0):
     return jnp.asarray(np.random.default_rng(seed).standard_normal((batch, *shape)), jnp.float32)
 
 
+@pytest.mark.xla_level("default")
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_nominal_chip_equals_no_chip_bit_for_bit(name):
     """A chip whose factors are all exactly 1 computes the digital model's logits bit for bit

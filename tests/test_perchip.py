@@ -13,6 +13,10 @@ from pimjax.layers import with_chip
 from pimjax.models import get_model
 from pimjax.perchip import ACCELERATOR, CPU, Strategy
 
+# No test here claims bit-identity across programs: compile at the "fast" XLA level
+# (most optimizations off, see conftest.py).
+pytestmark = pytest.mark.xla_level("fast")
+
 STRATEGIES = {"cpu": CPU, "accelerator": ACCELERATOR,
               "map-shared": Strategy("map", "vmap", "map")}
 

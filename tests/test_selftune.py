@@ -13,6 +13,10 @@ from pimjax.devices import sample_chip
 from pimjax.layers import with_chip, with_tune
 from pimjax.models import get_model
 
+# No test here claims bit-identity across programs: compile at the "fast" XLA level
+# (most optimizations off, see conftest.py).
+pytestmark = pytest.mark.xla_level("fast")
+
 KEY = jax.random.PRNGKey(0)
 MATCHING = ("gain", "gain_offset", "channel", "paired")  # variants that target the nominal model
 ALPHAS = (2.0, 0.5, 4.0, 0.25, 2.0)  # injected per-layer gains (powers of two: exact in float)

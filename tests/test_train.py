@@ -1,9 +1,10 @@
-"""Training: config validation, the optimizer options, that training learns and that qavat
-beats qat under variation, the per-epoch chip evaluation, resume == uninterrupted (bit for
-bit), divergence guards, data parallelism, ptq.
+"""Training: config validation, that training learns and that qavat beats qat under
+variation, the per-epoch chip evaluation, resume == uninterrupted (bit for bit), divergence
+guards, data parallelism, ptq, the optimizer options.
 
 Most tests read the session's shared qat/qavat runs (``trained`` in conftest.py) or copies of
-their run directories, instead of training their own.
+their run directories, instead of training their own. The tests that claim no bit-identity
+come last and compile at the "fast" XLA level (see conftest.py), so the level switches once.
 """
 
 import dataclasses
@@ -137,122 +138,6 @@ def test_train_rejects_data_of_another_dataset(mnist):
     with pytest.raises(ValueError, match="train_data is 'mnist' but the config trains on "
                                          "'fashion_mnist'"):
         T.train(cfg, train_data=mnist[0], test_data=mnist[1], progress=False)
-
-
-# ------------------------------------------------------------------------ optimizer
-
-
-def test_step_and_cosine_schedules():
-    optim = T.OptimConfig(lr=0.1, schedule="step", optimizer="sgd", epochs=4)
-    s = T.make_schedule(optim, 10)  # 40 steps: x0.1 at 20 and at 30
-    assert [float(s(i)) for i in (0, 19, 20, 29, 30, 39)] == pytest.approx(
-        [0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
-    c = T.make_schedule(dataclasses.replace(optim, schedule="cosine"), 10)
-    # 0.1 * (1 + cos(pi s / 40)) / 2
-    assert [float(c(i)) for i in (0, 10, 20, 40)] == pytest.approx(
-        [0.1, 0.05 * (1 + math.cos(math.pi / 4)), 0.05, 0.0], abs=1e-7)
-    k = T.make_schedule(dataclasses.replace(optim, schedule="constant"), 10)
-    assert float(k(0)) == float(k(39)) == pytest.approx(0.1)
-
-
-@pytest.mark.parametrize("schedule", ["cosine", "step", "constant"])
-def test_warmup(schedule):
-    """A linear warmup from 0 reaches the peak lr at the end of warmup, then the schedule."""
-    optim = T.OptimConfig(lr=0.1, schedule=schedule, warmup_epochs=1, epochs=4)
-    s = T.make_schedule(optim, 10)  # 10 warmup steps of 40
-    assert float(s(0)) == 0.0
-    assert float(s(5)) == pytest.approx(0.05)
-    assert float(s(10)) == pytest.approx(0.1)
-    if schedule == "cosine":  # cosine over the remaining 30 steps, to 0 at the end
-        assert float(s(25)) == pytest.approx(0.05, abs=1e-7)
-        assert float(s(40)) == pytest.approx(0.0, abs=1e-7)
-    if schedule == "step":  # the drops stay at 50% and 75% of all 40 steps
-        assert [float(s(i)) for i in (19, 20, 29, 30)] == pytest.approx(
-            [0.1, 0.01, 0.01, 0.001])
-
-
-def _updates(optim, grads, params, steps=2):
-    tx = T.make_optimizer(optim, 10)
-    state = tx.init(params)
-    update = jax.jit(tx.update)  # one compile instead of one per eager op and leaf shape
-    out = []
-    for g in grads[:steps]:
-        u, state = update(g, state, params)
-        out.append(u)
-        params = optax.apply_updates(params, u)
-    return out
-
-
-def _norm(tree):
-    return math.sqrt(sum(float(np.sum(np.asarray(x, np.float64) ** 2))
-                         for x in jax.tree.leaves(tree)))
-
-
-GRAD = {"a": jnp.array([[3.0, 0.0], [0.0, 4.0]]), "b": {"c": jnp.array([0.0, 0.0, 0.0])}}
-
-
-@pytest.mark.parametrize("scale, clipped", [(2.0, True), (0.1, False)])
-def test_grad_clip_bounds_the_global_norm(scale, clipped):
-    """SGD lr 1 without momentum: the update is -clip(g), of global norm min(|g|, 1)."""
-    optim = T.OptimConfig(optimizer="sgd", lr=1.0, momentum=0.0, grad_clip=1.0,
-                          schedule="constant")
-    g = jax.tree.map(lambda x: x * scale, GRAD)  # |g| = 5 * scale
-    (u,) = _updates(optim, [g], jax.tree.map(jnp.zeros_like, GRAD), steps=1)
-    assert _norm(u) == pytest.approx(1.0 if clipped else 5 * scale, rel=1e-6)
-    factor = 1.0 / (5 * scale) if clipped else 1.0
-    np.testing.assert_allclose(u["a"], -factor * g["a"], rtol=1e-6)
-
-
-def test_nesterov_update():
-    """Nesterov momentum: t_k = g_k + m t_{k-1}, update -lr (g_k + m t_k), as optax.sgd's."""
-    lr, m = 0.1, 0.9
-    optim = T.OptimConfig(optimizer="sgd", lr=lr, momentum=m, nesterov=True,
-                          schedule="constant", epochs=2)
-    params = {"w": jnp.array([1.0, -2.0])}
-    grads = [{"w": jnp.array([0.5, 1.0])}, {"w": jnp.array([-1.0, 2.0])}]
-    got = _updates(optim, grads, params)
-    g1, g2 = (np.asarray(g["w"], np.float64) for g in grads)
-    t1 = g1
-    t2 = g2 + m * t1
-    want = [-lr * (g1 + m * t1), -lr * (g2 + m * t2)]
-    for u, w in zip(got, want, strict=True):
-        np.testing.assert_allclose(u["w"], w, rtol=1e-6)
-    ref = optax.sgd(lr, momentum=m, nesterov=True)
-    state, p = ref.init(params), params
-    for g, u in zip(grads, got, strict=True):
-        r, state = ref.update(g, state, p)
-        np.testing.assert_allclose(u["w"], r["w"], rtol=1e-6)
-        p = optax.apply_updates(p, r)
-    plain = _updates(dataclasses.replace(optim, nesterov=False), grads, params)
-    assert not np.allclose(plain[1]["w"], got[1]["w"])  # the flag matters
-
-
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_weight_decay_applies_to_kernels_only(optimizer):
-    """With zero gradients the first update is -lr * wd * p on kernels, 0 on biases, BN
-    scales/biases and scalar quantizer parameters."""
-    lr, wd = 0.1, 0.01
-    model = get_model("lenet5", quant=QuantConfig(2, 4, act_clip="pact"))
-    params = random_variables(model)["params"]
-    optim = T.OptimConfig(optimizer=optimizer, lr=lr, weight_decay=wd, schedule="constant")
-    (u,) = _updates(optim, [jax.tree.map(jnp.zeros_like, params)], params, steps=1)
-    names = set()
-    for (path, p), du in zip(jax.tree_util.tree_flatten_with_path(params)[0],
-                             jax.tree.leaves(u), strict=True):
-        name = path[-1].key
-        names.add(name)
-        if name == "kernel":
-            np.testing.assert_allclose(du, -lr * wd * np.asarray(p), rtol=1e-5, atol=1e-12)
-        else:
-            np.testing.assert_array_equal(du, 0.0)
-    assert names == {"kernel", "bias", "scale", "pact_alpha"}
-
-
-def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
-    a = T.epoch_permutation(3, 5, 100)
-    assert np.array_equal(a, T.epoch_permutation(3, 5, 100))
-    assert not np.array_equal(a, T.epoch_permutation(3, 6, 100))
-    assert sorted(a) == list(range(100))
 
 
 # --------------------------------------------------------------------------- learning
@@ -409,19 +294,6 @@ def test_non_finite_params_are_never_saved(trained, mnist, interrupted, monkeypa
     assert checkpoint.CheckpointStore(interrupted).epochs() == [2]
 
 
-def test_exploding_loss_raises_and_saves_nothing(mnist, tmp_path):
-    """Adam at lr 1e6: the loss exceeds max_loss_ratio x its first value within the first
-    epoch, which is neither saved as 'last' nor as 'best'. (A float model: the quick compile.)"""
-    cfg = T.TrainConfig("fp", optim=T.OptimConfig(lr=1e6, epochs=1, batch_size=BATCH))
-    with pytest.raises(T.TrainingDivergedError,
-                       match=r"exceeds 100 x its first value .* at epoch 1.*no checkpoint"):
-        T.train(cfg, train_data=subset(mnist[0], 4 * BATCH), test_data=mnist[1],
-                workdir=tmp_path, num_devices=1, progress=False)
-    assert checkpoint.CheckpointStore(tmp_path).epochs() == []
-    assert not (tmp_path / "best").exists() or not any((tmp_path / "best").iterdir())
-    assert not (tmp_path / "metrics.json").exists()
-
-
 # ----------------------------------------------------------------------- sharding
 
 
@@ -444,6 +316,7 @@ def _step_on_one_and_all(cfg, state=None):
             for k in (1, jax.local_device_count())]
 
 
+@pytest.mark.xla_level("fast")  # no bit-identity claim: compile quickly
 def test_sharded_step_equals_unsharded(trained):
     assert jax.local_device_count() >= 2, "conftest should provide several host devices"
     run = trained["qavat"]
@@ -461,6 +334,7 @@ def test_sharded_step_equals_unsharded(trained):
     assert np.mean(diff > 1e-6) < 0.01
 
 
+@pytest.mark.xla_level("fast")  # no bit-identity claim: compile quickly
 @pytest.mark.slow
 @pytest.mark.parametrize("chips", [1, 2])
 def test_sharded_float_sgd_step_matches_exactly(chips):
@@ -472,6 +346,7 @@ def test_sharded_float_sgd_step_matches_exactly(chips):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.xla_level("fast")  # no bit-identity claim: compile quickly
 @pytest.mark.slow
 def test_k_chips_worst_loss_is_at_least_mean():
     cfg = T.TrainConfig("qavat", quant=W2A4, device=DeviceConfig(sigma_within=0.5),
@@ -493,6 +368,7 @@ def test_k_chips_worst_loss_is_at_least_mean():
 # ---------------------------------------------------------------------------- ptq
 
 
+@pytest.mark.xla_level("fast")  # no bit-identity claim: compile quickly
 def test_ptq_quantizes_a_float_model_and_recalibrates(trained, mnist, tmp_path):
     # A float "vat" checkpoint made of the trained qat run's weights and BN statistics.
     state = trained["qat"].result.state
@@ -530,9 +406,145 @@ def test_ptq_quantizes_a_float_model_and_recalibrates(trained, mnist, tmp_path):
     assert result.history[0]["test_acc"] > 0.5
 
 
+@pytest.mark.xla_level("fast")  # no bit-identity claim: compile quickly
 def test_ptq_rejects_a_quantized_source(trained, tmp_path):
     cfg = T.TrainConfig("ptq", quant=W2A4, device=DeviceConfig(sigma_within=0.3),
                         ptq=T.PTQConfig(from_checkpoint=str(trained["qat"].workdir)))
     with pytest.raises(ValueError, match="holds a W2A4 model: ptq quantizes a float"):
         T.train(cfg, progress=False, num_devices=1)
 
+
+@pytest.mark.xla_level("fast")  # no bit-identity claim: compile quickly
+def test_exploding_loss_raises_and_saves_nothing(mnist, tmp_path):
+    """Adam at lr 1e6: the loss exceeds max_loss_ratio x its first value within the first
+    epoch, which is neither saved as 'last' nor as 'best'. (A float model: the quick compile.)"""
+    cfg = T.TrainConfig("fp", optim=T.OptimConfig(lr=1e6, epochs=1, batch_size=BATCH))
+    with pytest.raises(T.TrainingDivergedError,
+                       match=r"exceeds 100 x its first value .* at epoch 1.*no checkpoint"):
+        T.train(cfg, train_data=subset(mnist[0], 4 * BATCH), test_data=mnist[1],
+                workdir=tmp_path, num_devices=1, progress=False)
+    assert checkpoint.CheckpointStore(tmp_path).epochs() == []
+    assert not (tmp_path / "best").exists() or not any((tmp_path / "best").iterdir())
+    assert not (tmp_path / "metrics.json").exists()
+
+
+# ------------------------------------------------------------------------ optimizer
+
+
+@pytest.mark.xla_level("fast")  # no bit-identity claim: compile quickly
+def test_step_and_cosine_schedules():
+    optim = T.OptimConfig(lr=0.1, schedule="step", optimizer="sgd", epochs=4)
+    s = T.make_schedule(optim, 10)  # 40 steps: x0.1 at 20 and at 30
+    assert [float(s(i)) for i in (0, 19, 20, 29, 30, 39)] == pytest.approx(
+        [0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    c = T.make_schedule(dataclasses.replace(optim, schedule="cosine"), 10)
+    # 0.1 * (1 + cos(pi s / 40)) / 2
+    assert [float(c(i)) for i in (0, 10, 20, 40)] == pytest.approx(
+        [0.1, 0.05 * (1 + math.cos(math.pi / 4)), 0.05, 0.0], abs=1e-7)
+    k = T.make_schedule(dataclasses.replace(optim, schedule="constant"), 10)
+    assert float(k(0)) == float(k(39)) == pytest.approx(0.1)
+
+
+@pytest.mark.xla_level("fast")  # no bit-identity claim: compile quickly
+@pytest.mark.parametrize("schedule", ["cosine", "step", "constant"])
+def test_warmup(schedule):
+    """A linear warmup from 0 reaches the peak lr at the end of warmup, then the schedule."""
+    optim = T.OptimConfig(lr=0.1, schedule=schedule, warmup_epochs=1, epochs=4)
+    s = T.make_schedule(optim, 10)  # 10 warmup steps of 40
+    assert float(s(0)) == 0.0
+    assert float(s(5)) == pytest.approx(0.05)
+    assert float(s(10)) == pytest.approx(0.1)
+    if schedule == "cosine":  # cosine over the remaining 30 steps, to 0 at the end
+        assert float(s(25)) == pytest.approx(0.05, abs=1e-7)
+        assert float(s(40)) == pytest.approx(0.0, abs=1e-7)
+    if schedule == "step":  # the drops stay at 50% and 75% of all 40 steps
+        assert [float(s(i)) for i in (19, 20, 29, 30)] == pytest.approx(
+            [0.1, 0.01, 0.01, 0.001])
+
+
+def _updates(optim, grads, params, steps=2):
+    tx = T.make_optimizer(optim, 10)
+    state = tx.init(params)
+    update = jax.jit(tx.update)  # one compile instead of one per eager op and leaf shape
+    out = []
+    for g in grads[:steps]:
+        u, state = update(g, state, params)
+        out.append(u)
+        params = optax.apply_updates(params, u)
+    return out
+
+
+def _norm(tree):
+    return math.sqrt(sum(float(np.sum(np.asarray(x, np.float64) ** 2))
+                         for x in jax.tree.leaves(tree)))
+
+
+GRAD = {"a": jnp.array([[3.0, 0.0], [0.0, 4.0]]), "b": {"c": jnp.array([0.0, 0.0, 0.0])}}
+
+
+@pytest.mark.xla_level("fast")  # no bit-identity claim: compile quickly
+@pytest.mark.parametrize("scale, clipped", [(2.0, True), (0.1, False)])
+def test_grad_clip_bounds_the_global_norm(scale, clipped):
+    """SGD lr 1 without momentum: the update is -clip(g), of global norm min(|g|, 1)."""
+    optim = T.OptimConfig(optimizer="sgd", lr=1.0, momentum=0.0, grad_clip=1.0,
+                          schedule="constant")
+    g = jax.tree.map(lambda x: x * scale, GRAD)  # |g| = 5 * scale
+    (u,) = _updates(optim, [g], jax.tree.map(jnp.zeros_like, GRAD), steps=1)
+    assert _norm(u) == pytest.approx(1.0 if clipped else 5 * scale, rel=1e-6)
+    factor = 1.0 / (5 * scale) if clipped else 1.0
+    np.testing.assert_allclose(u["a"], -factor * g["a"], rtol=1e-6)
+
+
+@pytest.mark.xla_level("fast")  # no bit-identity claim: compile quickly
+def test_nesterov_update():
+    """Nesterov momentum: t_k = g_k + m t_{k-1}, update -lr (g_k + m t_k), as optax.sgd's."""
+    lr, m = 0.1, 0.9
+    optim = T.OptimConfig(optimizer="sgd", lr=lr, momentum=m, nesterov=True,
+                          schedule="constant", epochs=2)
+    params = {"w": jnp.array([1.0, -2.0])}
+    grads = [{"w": jnp.array([0.5, 1.0])}, {"w": jnp.array([-1.0, 2.0])}]
+    got = _updates(optim, grads, params)
+    g1, g2 = (np.asarray(g["w"], np.float64) for g in grads)
+    t1 = g1
+    t2 = g2 + m * t1
+    want = [-lr * (g1 + m * t1), -lr * (g2 + m * t2)]
+    for u, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(u["w"], w, rtol=1e-6)
+    ref = optax.sgd(lr, momentum=m, nesterov=True)
+    state, p = ref.init(params), params
+    for g, u in zip(grads, got, strict=True):
+        r, state = ref.update(g, state, p)
+        np.testing.assert_allclose(u["w"], r["w"], rtol=1e-6)
+        p = optax.apply_updates(p, r)
+    plain = _updates(dataclasses.replace(optim, nesterov=False), grads, params)
+    assert not np.allclose(plain[1]["w"], got[1]["w"])  # the flag matters
+
+
+@pytest.mark.xla_level("fast")  # no bit-identity claim: compile quickly
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_weight_decay_applies_to_kernels_only(optimizer):
+    """With zero gradients the first update is -lr * wd * p on kernels, 0 on biases, BN
+    scales/biases and scalar quantizer parameters."""
+    lr, wd = 0.1, 0.01
+    model = get_model("lenet5", quant=QuantConfig(2, 4, act_clip="pact"))
+    params = random_variables(model)["params"]
+    optim = T.OptimConfig(optimizer=optimizer, lr=lr, weight_decay=wd, schedule="constant")
+    (u,) = _updates(optim, [jax.tree.map(jnp.zeros_like, params)], params, steps=1)
+    names = set()
+    for (path, p), du in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                             jax.tree.leaves(u), strict=True):
+        name = path[-1].key
+        names.add(name)
+        if name == "kernel":
+            np.testing.assert_allclose(du, -lr * wd * np.asarray(p), rtol=1e-5, atol=1e-12)
+        else:
+            np.testing.assert_array_equal(du, 0.0)
+    assert names == {"kernel", "bias", "scale", "pact_alpha"}
+
+
+@pytest.mark.xla_level("fast")  # no bit-identity claim: compile quickly
+def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
+    a = T.epoch_permutation(3, 5, 100)
+    assert np.array_equal(a, T.epoch_permutation(3, 5, 100))
+    assert not np.array_equal(a, T.epoch_permutation(3, 6, 100))
+    assert sorted(a) == list(range(100))
