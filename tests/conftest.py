@@ -78,11 +78,12 @@ def xla_level(level: str):
         set_xla_level(previous)
 
 
-@pytest.fixture(autouse=True)
-def _xla_level(request):
-    """Each test compiles at the level its closest ``xla_level`` marker names (default:
-    "default"); consecutive tests at one level share the compiled programs."""
-    marker = request.node.get_closest_marker("xla_level")
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Each test, and the fixtures it sets up first, compile at the level its closest
+    ``xla_level`` marker names (default: "default"); consecutive tests at one level share
+    the compiled programs."""
+    marker = item.get_closest_marker("xla_level")
     set_xla_level(marker.args[0] if marker else "default")
 
 
