@@ -134,7 +134,8 @@ def numpy_chips(template, num_chips: int | None = None, sigma: float = 0.3, seed
 
 def random_variables(model, seed: int = 0, act_max: float = 3.0) -> dict:
     """Variables of ``model`` filled by NumPy: LeCun-normal kernels, small biases and BN
-    parameters, unit BN statistics, activation clips ``act_max``, identity tune.
+    parameters, unit BN statistics, activation ranges up to ``act_max`` (from ``-act_max / 3``
+    for a signed input), identity tune.
 
     It skips compiling ``model.init`` (at XLA's default optimization level the init of a
     ResNet compiles for many seconds); use :func:`calibrate` for realistic statistics.
@@ -153,6 +154,8 @@ def random_variables(model, seed: int = 0, act_max: float = 3.0) -> dict:
             value = 1.0 + 0.1 * rng.random(shape) if name == "scale" else np.ones(shape)
         elif name == "act_max":
             value = np.full(shape, act_max)
+        elif name == "act_min":  # a signed input's running minimum
+            value = np.full(shape, -act_max / 3)
         else:  # learned quantizer scales (pact_alpha, act_step, weight_step)
             value = np.full(shape, 0.5)
         return jnp.asarray(value, leaf.dtype)

@@ -38,11 +38,18 @@ def quantize_weight(w, bits):
     return s * np.clip(np.round(np.asarray(w, np.float64) / s), -q, q)
 
 
-def quantize_act(x, bits, clip, signed):
-    """Uniform activation quantizer: levels clip * k / L (k in 0..L, or -L..L when signed)."""
-    levels = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+def quantize_act(x, bits, clip):
+    """Unsigned activation quantizer (after a ReLU): levels clip * k / L, k in 0..L = 2^b - 1."""
+    levels = 2**bits - 1
     step = float(clip) / levels
-    return step * np.round(np.clip(x / step, -levels if signed else 0, levels))
+    return step * np.round(np.clip(x / step, 0, levels))
+
+
+def quantize_range(x, bits, lo, hi):
+    """The first layer's (signed) input quantizer: 2^b levels lo + k (hi - lo) / (2^b - 1)."""
+    levels = 2**bits - 1
+    step = (float(hi) - float(lo)) / levels
+    return float(lo) + step * np.round(np.clip((x - float(lo)) / step, 0, levels))
 
 
 def conv2d(x, w, pad):
@@ -89,8 +96,11 @@ def forward(variables, x, weight_bits=2, act_bits=4, factors=None, tune=None, ed
         if start is not None and start[0] == name:
             return np.asarray(start[1], np.float64)
         p = params[name]
-        clip = stats[name]["input_quant"]["act_max"]
-        hq = quantize_act(h, act_bits, clip, signed=name == "AnalogConv_0")
+        q = stats[name]["input_quant"]
+        if name == "AnalogConv_0":  # signed input: the running [min, max] range
+            hq = quantize_range(h, act_bits, q["act_min"], q["act_max"])
+        else:
+            hq = quantize_act(h, act_bits, q["act_max"])
         w = quantize_weight(p["kernel"], weight_bits)
         if name in factors:
             w = w * np.asarray(factors[name], np.float64)

@@ -159,20 +159,30 @@ def test_digital_first_last_layers_are_not_analog():
     assert not np.allclose(apply(with_chip(variables, chip), x), apply(variables, x))
 
 
-def test_running_max_clip_tracks_activations():
-    """EMA clip: the first train batch sets it to the batch's max|x|, later ones move it by
-    momentum 0.9; inference quantizes with it (signed 4 bits: 7 levels per side)."""
-    quant = ActQuant(bits=4, clip="ema", momentum=0.9, signed=True)
+def test_running_range_tracks_activations():
+    """EMA ranges: the first train batch sets them to the batch's, later ones move them by
+    momentum 0.9; inference quantizes with them. Unsigned (after a ReLU): 15 levels over
+    [0, max]; signed (a network's input): 15 levels over [min, max], all of them used."""
     x = jnp.array([[-2.1, 0.3, 1.4]])
-    variables = quant.init(jax.random.key(0), x)
-    assert float(variables["batch_stats"]["act_max"]) == 0.0
-    y, upd = quant.apply(variables, x, train=True, mutable=["batch_stats"])
-    assert float(upd["batch_stats"]["act_max"]) == pytest.approx(2.1)
-    _, upd2 = quant.apply(upd, 2 * x, train=True, mutable=["batch_stats"])
-    assert float(upd2["batch_stats"]["act_max"]) == pytest.approx(0.9 * 2.1 + 0.1 * 4.2)
-    step = 2.1 / 7  # levels k * 0.3, k in -7..7
-    np.testing.assert_allclose(quant.apply(upd, x), [[-7 * step, 1 * step, 5 * step]],
-                               rtol=1e-6)  # 0.3 / 0.3 = 1, 1.4 / 0.3 = 4.67 -> 5
+    for signed in (False, True):
+        quant = ActQuant(bits=4, clip="ema", momentum=0.9, signed=signed)
+        variables = quant.init(jax.random.key(0), x)
+        assert all(float(v) == 0.0 for v in jax.tree.leaves(variables))
+        _, upd = quant.apply(variables, x, train=True, mutable=["batch_stats"])
+        stats = upd["batch_stats"]
+        assert float(stats["act_max"]) == pytest.approx(1.4)
+        _, upd2 = quant.apply(upd, 2 * x, train=True, mutable=["batch_stats"])
+        assert float(upd2["batch_stats"]["act_max"]) == pytest.approx(0.9 * 1.4 + 0.1 * 2.8)
+        y = np.asarray(quant.apply(upd, x))
+        if not signed:  # step 1.4 / 15: -2.1 -> 0, 0.3 / step = 3.21 -> 3, 1.4 -> 15
+            assert "act_min" not in stats
+            np.testing.assert_allclose(y, [[0.0, 3 * 1.4 / 15, 1.4]], rtol=1e-6)
+            continue
+        assert float(stats["act_min"]) == pytest.approx(-2.1)
+        assert float(upd2["batch_stats"]["act_min"]) == pytest.approx(0.9 * -2.1 + 0.1 * -4.2)
+        # step 3.5 / 15: (0.3 + 2.1) / step = 10.29 -> level 10
+        np.testing.assert_allclose(y, [[-2.1, -2.1 + 10 * 3.5 / 15, 1.4]], rtol=1e-6,
+                                   atol=1e-6)
 
 
 @pytest.mark.parametrize("weight_scale,act_clip,names", [

@@ -85,6 +85,12 @@ def test_sweep_equals_a_per_chip_loop(run, test_set, per_chip_loop):
     np.testing.assert_allclose(res.loss, loss, rtol=1e-3)
     assert res.accuracy.shape == res.loss.shape == (6,) and res.num_images == N_IMAGES
     assert res.plan.chips == 3 and res.plan.num_chip_chunks == 2
+    # each image's share of chips that got it right, and the two-way standard error
+    right = per_chip_loop.argmax(-1) == test_set[1]  # [chips, images]
+    np.testing.assert_allclose(res.image_accuracy, right.mean(0), atol=1e-12)
+    se = math.sqrt(right.mean(1).var(ddof=1) / 6 + right.mean(0).var(ddof=1) / N_IMAGES)
+    assert res.standard_error == pytest.approx(se, rel=1e-9)
+    assert res.summary()["se"] == pytest.approx(se, rel=1e-9)
     ref = montecarlo.evaluate_loop(run.model, run.variables, HASH_DEVICE, KEY, 6, test_set,
                                    batch_size=N_IMAGES)
     np.testing.assert_array_equal(res.accuracy, ref)
@@ -206,7 +212,8 @@ def test_lognormal_between_chips_and_digital_first_last(mnist):
     assert sorted(stats.mean) == analog
     tuning = selftune.SelfTune("channel", calib, stats)
     res = montecarlo.evaluate_chips(model, variables, device, KEY, 4, (x, y), tuning=tuning,
-                                    chips_per_chunk=2, mesh_devices=ONE, progress=False)
+                                    chips_per_chunk=2, mesh_devices=ONE, nominal=False,
+                                    progress=False)
     template = introspect.analog_kernels(variables)
     assert sorted(template) == analog
     keys = devices.chip_keys(KEY, 4)

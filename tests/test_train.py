@@ -167,18 +167,22 @@ def test_qavat_beats_qat_under_variation(trained, mnist):
     standard error of 0.012 (7.3 standard errors)."""
     device = devices.paper(SIGMA)
     key = jax.random.PRNGKey(2022)
-    acc = {}
+    res = {}
     for method in ("qat", "qavat"):
         run = trained[method]
         # chunks of the per-epoch evaluation's shape on one device: its compiled programs
-        acc[method] = montecarlo.evaluate_chips(
+        res[method] = montecarlo.evaluate_chips(
             run.model, run.variables, device, key, 4 * EVAL_CHIPS, mnist[1],
             chips_per_chunk=EVAL_CHIPS, mesh_devices=jax.local_devices()[:1], nominal=False,
-            progress=False).accuracy
-    a, b = acc["qavat"], acc["qat"]
+            progress=False)
+    a, b = res["qavat"].accuracy, res["qat"].accuracy
     diff = a.mean() - b.mean()
     se = math.sqrt(a.var(ddof=1) / a.size + b.var(ddof=1) / b.size)
     assert diff > Z * se, (a.mean(), b.mean(), se)
+    # montecarlo.difference: the paired difference over the same chips and images
+    d_img = res["qavat"].image_accuracy - res["qat"].image_accuracy
+    paired_se = math.sqrt((a - b).var(ddof=1) / a.size + d_img.var(ddof=1) / d_img.size)
+    assert montecarlo.difference(res["qavat"], res["qat"]) == pytest.approx((diff, paired_se))
 
 
 def test_per_epoch_chips_use_the_evaluation_device(trained, mnist):
