@@ -505,8 +505,9 @@ def evaluate_chips(model, variables, device: devices.Device, key, num_chips: int
     xs, ys, ms = _prepare_images(images, labels, plan.images)
     template = analog_kernels(variables)
     var_r, tmpl_r, xs_r, ys_r, ms_r = replicate((variables, template, xs, ys, ms), mesh)
+    calib_r = stats_r = None  # the mesh's copies (the nominal tuning below uses the host's)
     if calib is not None:
-        calib, stats = replicate((calib, stats), mesh)
+        calib_r, stats_r = replicate((calib, stats), mesh)
     sample_fn = _sample_step(mesh, device)
     tune_fn = None if variant is None else _tune_step(model, mesh, variant, tune_batch,
                                                       plan.mode)
@@ -522,7 +523,7 @@ def evaluate_chips(model, variables, device: devices.Device, key, num_chips: int
         chip = sample_fn(keys, tmpl_r, np.float32(t))
         tune = None
         if tune_fn is not None:
-            tune = tune_fn(var_r, chip, keys, calib, stats)
+            tune = tune_fn(var_r, chip, keys, calib_r, stats_r)
             bar.update(1)
         parts = []
         for j in range(plan.num_image_chunks):
