@@ -176,8 +176,10 @@ def test_sweep_with_self_tuning_equals_tuning_each_chip(run, test_set, mnist, pe
     tuned = montecarlo.tune_chips(run.model, run.variables, HASH_DEVICE, KEY, 3, tuning,
                                   chips_per_chunk=2, mesh_devices=ONE)
     assert (tuned.cost.passes, tuned.cost.images, tuned.cost.nominal_passes) == (1, 32, 1)
-    res = _sweep(run, test_set, 3, tuning=tuning, chips_per_chunk=2, nominal=False)
-    assert res.tune_cost == tuned.cost
+    # on four devices (one chunk of 4 chips, one of them padding), with the nominal model
+    res = _sweep(run, test_set, 3, tuning=tuning, chips_per_chunk=4,
+                 mesh_devices=jax.local_devices()[:4])
+    assert res.tune_cost == tuned.cost and res.plan.chips == 4
     template = introspect.analog_kernels(run.variables)
     keys = devices.chip_keys(KEY, 3)
     apply = jax.jit(run.model.apply)
@@ -194,6 +196,13 @@ def test_sweep_with_self_tuning_equals_tuning_each_chip(run, test_set, mnist, pe
     np.testing.assert_allclose(res.loss, loss, rtol=1e-3)
     untuned = _metrics(per_chip_loop[:3], y)[1]  # the same chips 0..2, untuned
     assert not np.allclose(untuned, res.loss, rtol=1e-3)  # the tuning did something
+    # the nominal model after the same tuning, solved on the ideal chip
+    ideal = devices.sample_chip(KEY, devices.ideal(), template)
+    one = selftune.self_tune(run.model, run.variables, ideal, calib, "paired").tune
+    nominal_tuned = _metrics(apply(with_tune(run.variables, one), x)[None], y)[0][0]
+    assert res.nominal_tuned_accuracy == pytest.approx(nominal_tuned, abs=1.01 / N_IMAGES)
+    assert res.summary()["drop_mean_tuned"] == pytest.approx(
+        res.nominal_tuned_accuracy - res.accuracy.mean())
 
 
 @pytest.mark.xla_level("fast")
