@@ -37,7 +37,6 @@ from pimjax.layers import with_chip, with_tune
 from pimjax.progress import progress_bar
 
 AXIS = "chips"
-EVAL_READS, TUNE_READS = 0, 1  # read-key streams (pimjax.devices.read_keys)
 CPU_BUDGET_BYTES = 1 << 30  # default per-device budget on CPU
 ACCEL_BUDGET_FRACTION = 0.5  # default on GPU/TPU: this share of the device memory
 MAX_IMAGES_PER_CHUNK = 1000  # images per chunk when the budget leaves the choice open
@@ -283,22 +282,25 @@ def _sample_step(mesh: Mesh, device: devices.Device):
     return _shard(sample, mesh, (P(AXIS), P(), P()), P(AXIS))
 
 
-def _with_reads(chip, keys, first_image, num_images, stream):
-    """The chip batch with the read keys of images ``first_image ..`` if its device needs them."""
-    layer = jax.tree_util.tree_leaves(chip, is_leaf=devices.is_chip_layer)[0]
-    if not layer.device.needs_key:
+def _with_reads(chip, keys, first_image, num_images):
+    """The chip batch with the evaluation read keys of images ``first_image ..`` if its device
+    needs them."""
+    if not devices.chip_device(chip).needs_key:
         return chip
     ids = first_image + jnp.arange(num_images, dtype=jnp.uint32)
-    return devices.with_read_keys(chip, devices.read_keys(keys, ids, stream))
+    return devices.with_read_keys(chip, devices.read_keys(keys, ids, devices.EVAL_READS))
 
 
 @functools.lru_cache(maxsize=32)
 def _tune_step(model, mesh: Mesh, variant: str, batch_size, mode: str):
     """Jitted, chip-sharded self-tuning of a chip batch."""
     def tune(variables, chip, keys, images, stats):
-        chip = _with_reads(chip, keys, jnp.uint32(0), images.shape[0], TUNE_READS)
+        reads = None
+        if devices.chip_device(chip).needs_key:  # chip c's calibration reads (TUNE_READS)
+            ids = jnp.arange(images.shape[0], dtype=jnp.uint32)
+            reads = devices.read_keys(keys, ids, devices.TUNE_READS)
         return selftune.solve_chips(model, variant, batch_size, variables, chip, images,
-                                    stats, mode)
+                                    stats, mode, reads)
 
     return _shard(tune, mesh, (P(), P(AXIS), P(AXIS), P(), P()), P(AXIS))
 
@@ -308,8 +310,7 @@ def _metrics_step(model, mesh: Mesh, mode: str):
     """Jitted, chip-sharded per-chip correct counts and loss sums on one image chunk."""
     def metrics(variables, chip, keys, tune, xs, ys, ms, j):
         x, y, m = (jax.lax.dynamic_index_in_dim(a, j, keepdims=False) for a in (xs, ys, ms))
-        chip = _with_reads(chip, keys, (j * x.shape[0]).astype(jnp.uint32), x.shape[0],
-                           EVAL_READS)
+        chip = _with_reads(chip, keys, (j * x.shape[0]).astype(jnp.uint32), x.shape[0])
         return _metrics(chip_logits(model, variables, chip, x, tune, mode), y, m)
 
     chips, rep = P(AXIS), P()
@@ -551,7 +552,8 @@ def evaluate_loop(model, variables, device: devices.Device, key, num_chips: int,
         chip = devices.at_time(devices.sample_chip(k, device, template), t)
         if device.needs_key:
             ids = first + jnp.arange(x.shape[0], dtype=jnp.uint32)
-            chip = devices.with_read_keys(chip, devices.read_keys(k[None], ids, EVAL_READS)[0])
+            chip = devices.with_read_keys(chip, devices.read_keys(k[None], ids,
+                                                                  devices.EVAL_READS)[0])
         logits = model.apply(with_chip(variables, chip), x)
         return jnp.sum(jnp.argmax(logits, -1) == y)
 
