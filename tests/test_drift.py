@@ -1,0 +1,110 @@
+"""The drift experiment (experiments/drift.py --smoke) and noise-aware training under PCM.
+
+One smoke run trains a qat and a qavat-under-pcm LeNet-5 and sweeps their PCM chips over
+read times and compensations; the tests check its files, its reuse of finished work, the
+training under the PCM device, and the library's compensations.
+"""
+
+import dataclasses
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pimjax import devices, drift, selftune
+from pimjax.train import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+drift_script = importlib.import_module("drift")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One --smoke run: its output folder and rows."""
+    out = tmp_path_factory.mktemp("drift")
+    rows = drift_script.main(["--smoke", "--out", str(out)])
+    return out, rows
+
+
+def test_smoke_writes_every_point(smoke):
+    out, rows = smoke
+    args = drift_script.smoke_defaults()
+    points = {(r["model"], r["compensation"], r["t"]) for r in rows}
+    assert points == {(m, c, t) for m in args.models for c in args.compensations
+                      for t in args.times}
+    for r in rows:
+        assert r["chips"] == args.chips and 0 <= r["min"] <= r["p5"] <= r["mean"] <= 1
+        assert (r["calib_images"] > 0) == (r["compensation"] in selftune.TUNE_VARIANTS)
+    saved = json.loads((out / "drift.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(rows))
+    for name in ("drift.csv", "drift_table.txt", "drift.png"):
+        assert (out / name).stat().st_size > 0
+    assert "10 years" not in (out / "drift_table.txt").read_text()
+    assert "1 year" in (out / "drift_table.txt").read_text()
+
+
+def test_smoke_rerun_reuses_models_and_evaluations(smoke):
+    out, rows = smoke
+    evals = {p.name: p.stat().st_mtime_ns for p in (out / "evals").iterdir()}
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    again = drift_script.main(["--smoke", "--out", str(out)])
+    assert again == rows
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "evals").iterdir()} == evals
+    assert sorted(p.name for p in (out / "runs").iterdir()) == runs
+
+
+def test_qavat_trains_under_the_pcm_device(smoke):
+    """qavat with DeviceConfig(preset="pcm"): the loss falls, and the chips change training."""
+    out, _ = smoke
+    args = drift_script.smoke_defaults()
+    histories = {}
+    for model in ("qat", "qavat-pcm"):
+        config = drift_script.train_config(args, model)
+        run = out / "runs" / drift_script.run_name(config, model)
+        saved = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
+        assert saved == config
+        histories[model] = json.loads((run / "metrics.json").read_text())
+    assert drift_script.train_config(args, "qavat-pcm").device.preset == "pcm"
+    pcm = histories["qavat-pcm"][-1]
+    assert np.isfinite(pcm["train_loss"]) and pcm["train_loss"] < pcm["first_loss"]
+    assert pcm["test_acc"] > 0.2  # 10 classes: chance is 0.1
+    # the same seed, data and first weights: only the PCM chips make the first loss differ
+    assert pcm["first_loss"] != histories["qat"][-1]["first_loss"]
+
+
+def test_smoke_flags_are_checked_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        drift_script.main(["--smoke", "--out", str(tmp_path), "--chips", "0"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "--chips" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+# -------------------------------------------------------------------- the library part
+
+
+def test_compensations_build_the_right_device():
+    base = devices.pcm()
+    dev, tuning = drift.compensated(base, "drift")
+    assert isinstance(dev.compensation, devices.GlobalDriftCompensation) and tuning is None
+    dev, tuning = drift.compensated(devices.pcm(drift_compensation=True), "none")
+    assert dev.compensation is None and tuning is None
+    calib = np.zeros((4, 28, 28, 1), np.float32)
+    dev, tuning = drift.compensated(base, "bn", calib)
+    assert dev == base and tuning.variant == "bn"
+    with pytest.raises(ValueError, match="calibration images"):
+        drift.compensated(base, "channel")
+    with pytest.raises(ValueError, match="compensation='magic'"):
+        drift.compensated(base, "magic")
+    assert dataclasses.replace(base, compensation=None) == base
+
+
+def test_time_labels():
+    assert [drift.time_label(t) for t in drift.TIMES.values()] == list(drift.TIMES)
+    assert drift.time_label(7200.0) == "2 h" and drift.time_label(0.5) == "0.5 s"
+
