@@ -159,7 +159,9 @@ def memory_per_chip(model, device: devices.Device, mode: str | None = None
     ``layers`` keeps a few live copies of the largest activation per chip-image; ``map``
     keeps the first analog layer's output (and its chip-major copy) per chip-image and one
     chip's working set per image. Per chip: the chip's state (its size from ``eval_shape`` of
-    the device's sampler) and two copies of the effective weights.
+    the device's sampler) and two copies of the effective weights. A device with a periphery
+    also keeps the largest layer's crossbar inputs (a conv's im2col patches: output positions
+    x kernel rows) per chip-image.
     """
     mode = mode or chip_mode(model)
     template = analog_kernels(introspect.abstract_variables(model))
@@ -170,6 +172,11 @@ def memory_per_chip(model, device: devices.Device, mode: str | None = None
     per_chip = state + 2 * 4 * weights
     largest = max(introspect.activation_sizes(model))
     working = 4 * (_ACTIVATION_COPIES * largest + math.prod(introspect.input_shape(model)))
+    if device.periphery is not None:
+        kernels = {"/".join(getattr(p, "key", str(p)) for p in path[:-1]): leaf.shape
+                   for path, leaf in jax.tree_util.tree_flatten_with_path(template)[0]}
+        working += 4 * max(layer.out_size // layer.features * math.prod(kernels[layer.name][:-1])
+                           for layer in introspect.analog_layers(model))
     if mode == "map":
         first = introspect.analog_layers(model)[0].out_size
         return int(2 * 4 * first), int(per_chip), int(working)
