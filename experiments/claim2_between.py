@@ -8,38 +8,40 @@ accuracy drop against the nominal (variation-free) model.
 
     python experiments/claim2_between.py --smoke          # seconds (tests)
     python experiments/claim2_between.py                  # LeNet-5/MNIST, CPU-sized
+    python experiments/claim2_between.py --dataset fashion_mnist
     python experiments/claim2_between.py --setup vgg11-narrow --sigma-total 0.3
 
-Writes ``claim2.json``/``claim2.csv``, ``claim2_table.txt`` and ``claim2.png`` into
-``--out``.
+Writes claim2.json/.csv, claim2_table.txt and claim2.png into --out.
 """
 
 from __future__ import annotations
 
-import argparse
-import time
+import dataclasses
+from typing import Annotated
 
 import common
 
-
-def parse_args(argv=None):
-    """Command-line options."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    common.add_between_args(p, "results/claim2")
-    return common.finish_between_args(p, p.parse_args(argv))
+from pimjax import cli
+from pimjax.configs import claims
 
 
-def run(args, progress: bool = True) -> list[dict]:
+@dataclasses.dataclass(frozen=True)
+class Args:
+    """Claim 2's flags."""
+
+    claim: Annotated[claims.Between, common.FLAT]
+    output: Annotated[common.Output, common.FLAT] = common.Output()
+
+
+def run(args: Args) -> list[dict] | None:
     """Train (or reuse) the qavat model, sweep the between fraction; write and return rows."""
-    return common.run_between(args, "claim2", ("none",), "", progress)
+    return common.run_between(args.claim, args.output, "claim2", ("none",), "")
 
 
-def main(argv=None) -> None:
-    """Run claim 2 and print its table."""
-    args = parse_args(argv)
-    start = time.perf_counter()
-    rows = run(args, progress=not args.smoke)
-    common.report_between(args, rows, "claim2", time.perf_counter() - start)
+def main(argv=None) -> list[dict] | None:
+    """Run claim 2 from the command line (``argv``: default sys.argv) and print its table."""
+    return cli.run(run, Args, argv, default=common.claim_defaults(Args, claims.claim2),
+                   description=__doc__)
 
 
 if __name__ == "__main__":

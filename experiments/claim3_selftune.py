@@ -2,58 +2,48 @@
 
 The claim-2 sweep (a qavat model on chips whose fixed total sigma is split between within-
 and between-chip components, granularity ``chip`` and ``layer``), evaluated untuned and
-after each self-tuning variant of :mod:`pimjax.selftune` (gain, gain_offset, channel, bn,
-paired), with the calibration cost per chip (unlabeled images, forward passes).
+after each self-tuning variant of pimjax.selftune (gain, gain_offset, channel, bn, paired),
+with the calibration cost per chip (unlabeled images, forward passes). The model is the
+claim-2 model: with the same --runs folder it is trained once for both claims.
 
     python experiments/claim3_selftune.py --smoke          # seconds (tests)
     python experiments/claim3_selftune.py                  # LeNet-5/MNIST, CPU-sized
-    python experiments/claim3_selftune.py --tunes channel,bn --calib-images 128
+    python experiments/claim3_selftune.py --tunes none channel bn --calib-images 128
 
-Writes ``claim3.json``/``claim3.csv``, ``claim3_table.txt`` and ``claim3.png`` into
-``--out``.
+Writes claim3.json/.csv, claim3_table.txt and claim3.png into --out.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-import time
+import dataclasses
+from typing import Annotated
 
 import common
 
-from pimjax import selftune
+from pimjax import cli
+from pimjax.configs import claims
 
 
-def parse_args(argv=None):
-    """Command-line options."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    common.add_between_args(p, "results/claim3")
-    p.add_argument("--tunes", type=lambda s: tuple(s.split(",")),
-                   default=("none", *selftune.METHODS),
-                   help=f"self-tuning variants: none and/or {selftune.METHODS}")
-    args = p.parse_args(argv)
-    bad = [t for t in args.tunes if t != "none" and t not in selftune.METHODS]
-    if bad:
-        p.error(f"--tunes {bad} unknown: use none and/or {selftune.METHODS}")
-    if args.smoke and "--tunes" not in (sys.argv[1:] if argv is None else argv):
-        args.tunes = ("none", "channel", "bn")
-    return common.finish_between_args(p, args)
+@dataclasses.dataclass(frozen=True)
+class Args:
+    """Claim 3's flags."""
+
+    claim: Annotated[claims.Claim3, common.FLAT]
+    output: Annotated[common.Output, common.FLAT] = common.Output()
 
 
-def run(args, progress: bool = True) -> list[dict]:
-    """Train (or reuse) the qavat model, sweep fractions x tune variants; write and return rows."""
-    return common.run_between(args, "claim3", args.tunes,
-                              f"self-tuning with {args.calib_images} calibration images, ",
-                              progress)
+def run(args: Args) -> list[dict] | None:
+    """Train (or reuse) the qavat model, sweep fractions x variants; write and return rows."""
+    c = args.claim
+    return common.run_between(c, args.output, "claim3", c.tunes,
+                              f"self-tuning with {c.calib_images} calibration images, ",
+                              c.calib_images)
 
 
-def main(argv=None) -> None:
-    """Run claim 3 and print its table."""
-    args = parse_args(argv)
-    start = time.perf_counter()
-    rows = run(args, progress=not args.smoke)
-    common.report_between(args, rows, "claim3", time.perf_counter() - start,
-                          f", {args.calib_images} calibration images")
+def main(argv=None) -> list[dict] | None:
+    """Run claim 3 from the command line (``argv``: default sys.argv) and print its table."""
+    return cli.run(run, Args, argv, default=common.claim_defaults(Args, claims.claim3),
+                   description=__doc__)
 
 
 if __name__ == "__main__":

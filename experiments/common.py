@@ -1,148 +1,213 @@
-"""Shared helpers of the claim experiments: setups, resumable training, data, result files.
+"""Shared pieces of the experiment scripts: data, trained runs, chip evaluations, result files.
 
-Every trained model lives in ``<runs>/<run_name(config)>``; a run that finished (marked by
-``done.json``) is reused as is, an interrupted one is resumed, so a sweep that stops
-continues where it was. Results are written as ``<name>.json`` (meta + rows) and
-``<name>.csv``.
+* Data: :func:`load_split` (the first N images of a split, with a warning when N exceeds
+  it) and :func:`calibration_images` (the first N training images: every script picks
+  self-tuning's unlabeled images this way, so their numbers pair up).
+* Runs: every trained model lives in ``<runs>/<run_name(config)>``. A finished run
+  (``done.json``) is reused after checking that its saved config is the one asked for; an
+  interrupted one resumes from its last checkpoint, so a sweep that stops continues where
+  it was.
+* Chips: :func:`chip_key` (chip i of every evaluation is ``fold_in(chip_key(seed), i)``,
+  the same chips for every model and variant) and :func:`evaluate` (at sigma 0 the nominal
+  model, once, instead of N identical chips).
+* Results: :func:`write_results` writes ``<name>.json`` (meta + rows) and ``<name>.csv``
+  atomically (:mod:`pimjax.files`); tables, plots and the claim-2/3 sweep.
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
 import dataclasses
+import functools
 import json
-import os
 import sys
 import textwrap
+import time
+import warnings
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import tyro
 
-from pimjax import data
-from pimjax.checkpoint import load_model
-from pimjax.train import TrainConfig, train
+from pimjax import cli, data, devices, files, introspect, montecarlo, selftune
+from pimjax.configs import claims, setups
+from pimjax.train import TrainConfig, load_model, train
 
-# (model, dataset, width, default epochs, batch size, optimizer, lr, weight decay)
-SETUPS = {
-    "lenet5": dict(model="lenet5", dataset="mnist", width=1.0, epochs=3, batch_size=128,
-                   optimizer="adam", lr=1e-3, weight_decay=0.0),
-    # narrow VGG-11 on the CIFAR-10 copy: CPU-sized
-    "vgg11-narrow": dict(model="vgg11", dataset="cifar10", width=0.25, epochs=5, batch_size=128,
-                         optimizer="adam", lr=1e-3, weight_decay=0.0),
-    "resnet20-narrow": dict(model="resnet20", dataset="cifar10", width=0.5, epochs=5,
-                            batch_size=128, optimizer="adam", lr=1e-3, weight_decay=0.0),
-    # the paper's sizes
-    "vgg11": dict(model="vgg11", dataset="cifar10", width=1.0, epochs=100, batch_size=128,
-                  optimizer="sgd", lr=0.05, weight_decay=5e-4),
-    "resnet18-cifar100": dict(model="resnet18", dataset="cifar100", width=1.0, epochs=100,
-                              batch_size=128, optimizer="sgd", lr=0.05, weight_decay=5e-4),
-}
+FLAT = tyro.conf.arg(name="")  # a nested dataclass whose flags carry no prefix
+DONE = "done.json"
+# Share of a GEMM's FLOP rate a conv net reaches (the run-time estimate's assumption;
+# ResNet-20 training reached about that on two CPU cores, see benchmarks/train_step.py).
+EFFICIENCY = 0.25
 
 
-def check_setup(name: str) -> dict:
-    """The setup dict of ``name``, or ValueError naming the allowed setups."""
-    if name not in SETUPS:
-        raise ValueError(f"setup={name!r} is unknown: use one of {tuple(SETUPS)}")
-    return dict(SETUPS[name])
+# ------------------------------------------------------------------------------------ data
 
 
-def data_dir_for(dataset: str, data_dir: str | None) -> str | None:
-    """The data directory: the given one, else /work/shared/data-style defaults for CIFAR."""
-    if data_dir or dataset in ("mnist",):
-        return data_dir
-    return os.environ.get("PIMJAX_DATA_DIR") or (
-        "/work/shared/data" if Path("/work/shared/data").is_dir() else None)
+def load_split(name: str, split: str, data_dir: str | None, limit: int | None) -> data.Dataset:
+    """The first ``limit`` images of a split (all for None); warns when ``limit`` exceeds it."""
+    ds = data.load_dataset(name, split, data_dir, limit=limit)
+    if limit is not None and len(ds) < limit:
+        warnings.warn(f"{limit} {split} images asked for, but the {name} {split} split has "
+                      f"{len(ds)}: using {len(ds)}", stacklevel=2)
+    return ds
 
 
-def base_config(setup: dict, *, epochs: int, train_images: int | None, test_images: int,
-                seed: int, data_dir: str | None, batch_size: int | None = None,
-                digital_first_last: bool = False) -> dict:
-    """TrainConfig keyword arguments shared by every run of an experiment."""
-    return dict(digital_first_last=digital_first_last,
-        model=setup["model"], dataset=setup["dataset"], width=setup["width"],
-        epochs=epochs, batch_size=batch_size or setup["batch_size"],
-        optimizer=setup["optimizer"], lr=setup["lr"], weight_decay=setup["weight_decay"],
-        schedule="cosine", seed=seed, limit_train=train_images, limit_test=test_images,
-        data_dir=data_dir_for(setup["dataset"], data_dir),
-    )
+def calibration_images(name: str, count: int, data_dir: str | None) -> np.ndarray:
+    """Self-tuning's unlabeled calibration images: the first ``count`` training images,
+    normalized (the same images in every script)."""
+    return np.asarray(data.normalize(load_split(name, "train", data_dir, count).images, name))
+
+
+def chip_key(seed: int):
+    """The key of every evaluation's chips (chip i is ``fold_in(chip_key(seed), i)``)."""
+    return jax.random.key(seed + 1)
+
+
+# ------------------------------------------------------------------------------------ runs
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A trained model: module, variables, run directory and its training summary."""
+
+    model: object
+    variables: dict
+    workdir: Path
+    summary: dict
 
 
 def run_name(config: TrainConfig) -> str:
-    """A directory name that identifies a run's model, method, quantization and sigma."""
-    parts = [config.model]
-    if config.width != 1.0:
-        parts.append(f"w{config.width:g}")
-    if config.digital_first_last:
+    """A directory name naming a run's model, data, method, quantization, sigma and size."""
+    parts = [config.model.name]
+    if config.model.width != 1.0:
+        parts.append(f"w{config.model.width:g}")
+    if config.model.digital_first_last:
         parts.append("dfl")
-    parts.append(config.method)
-    if config.quant != "fp":
-        parts.append(config.quant.lower())
-    if config.method in ("vat", "qavat", "ptq"):
-        parts.append(f"s{config.sigma_within:g}")
-        if config.sigma_between:
-            parts.append(f"b{config.sigma_between:g}{config.between_granularity}")
-    parts.append(f"e{config.epochs}")
-    if config.limit_train is not None:
-        parts.append(f"n{config.limit_train}")
+    parts += [config.data.name, config.train_method]
+    if not config.quant.is_float:
+        parts.append(config.quant.name.lower())
+    if not config.device.is_ideal:
+        parts.append(f"s{config.device.sigma_within:g}")
+        if config.device.sigma_between:
+            parts.append(f"b{config.device.sigma_between:g}{config.device.between_granularity}")
+    if config.train_method != "ptq":
+        parts.append(f"e{config.optim.epochs}")
+    if config.data.train_images is not None:
+        parts.append(f"n{config.data.train_images}")
     parts.append(f"seed{config.seed}")
     return "_".join(parts)
 
 
-def train_or_load(config: TrainConfig, runs: Path, progress: bool = True):
-    """Train ``config`` in ``runs/<run_name>`` unless finished there; return (model, vars, dir)."""
+# Fields that do not change the trained weights: a finished run is reused whatever they are.
+EVALUATION_ONLY = ("data.data_dir", "data.test_images", "eval.")
+
+
+def config_diff(now: dict, saved: dict) -> str:
+    """The fields (but evaluation-only ones) where two TrainConfig dicts differ, as text."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+        return out
+
+    a, b = flat(now), flat(saved)
+    keys = sorted(k for k in set(a) | set(b)
+                  if not k.startswith(EVALUATION_ONLY) and a.get(k) != b.get(k))
+    return ", ".join(f"{k}: {b.get(k)!r} -> {a.get(k)!r}" for k in keys)
+
+
+def train_or_load(config: TrainConfig, runs: Path, progress: bool = True) -> Run:
+    """Train ``config`` in ``runs/<run_name>`` unless it finished there; return the run."""
     workdir = Path(runs) / run_name(config)
-    done = workdir / "done.json"
-    if not done.exists():
+    done = workdir / DONE
+    if done.is_file():
+        saved = json.loads((workdir / "config.json").read_text())
+        diff = config_diff(config.to_dict(), saved)
+        if diff:
+            raise ValueError(f"{workdir} holds a finished run of another config ({diff}): use "
+                             "another --runs folder, or delete that run")
+        summary = json.loads(done.read_text())
+    else:
         if progress:
             print(f"training {workdir.name}", flush=True)
-        metrics = train(config, workdir, resume=_has_checkpoint(workdir), progress=progress)
-        done.write_text(json.dumps(_jsonable(metrics), indent=2))
+        summary = train(config, workdir=workdir, resume=True, progress=progress).summary
+        files.write_json(done, summary)
     model, variables, _ = load_model(workdir)
-    return model, variables, workdir
+    return Run(model, variables, workdir, summary)
 
 
-def _has_checkpoint(workdir: Path) -> bool:
-    return any((workdir / sub).is_dir() and any((workdir / sub).iterdir())
-               for sub in ("checkpoints", "best"))
+# ----------------------------------------------------------------------------- evaluation
 
 
-def eval_data(dataset: str, test_images: int | None, calib_images: int,
-              data_dir: str | None = None):
-    """(test Dataset, normalized unlabeled calibration images from the training split)."""
-    data_dir = data_dir_for(dataset, data_dir)
-    test = data.load_dataset(dataset, "test", data_dir, limit=test_images)
-    calib = data.load_dataset(dataset, "train", data_dir, limit=calib_images)
-    return test, np.asarray(data.normalize(calib.images, dataset))
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """Per-chip accuracy and loss of one sweep point, its summary and its cost."""
+
+    summary: dict  # pimjax.montecarlo.summarize's: chips, mean, std, min, p5, ..., drops
+    accuracy: np.ndarray
+    loss: np.ndarray
+    num_images: int
+    tune_cost: selftune.TuneCost | None
+    seconds: float
 
 
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return _jsonable(dataclasses.asdict(obj))
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return str(obj)
+@functools.lru_cache(maxsize=8)
+def _logits(model):
+    return jax.jit(lambda variables, x: model.apply(variables, x))
+
+
+def nominal_metrics(model, variables, dataset) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy of the nominal model (no chip) on ``dataset``."""
+    images, labels = montecarlo.dataset_arrays(model, dataset)
+    n = images.shape[0]
+    # Batches of >= MIN_IMAGES_PER_CHUNK images (padded) round as evaluate_chips' chunks do.
+    size = max(montecarlo.MIN_IMAGES_PER_CHUNK, min(montecarlo.MAX_IMAGES_PER_CHUNK, n))
+    correct, total = 0, 0.0
+    for start in range(0, n, size):
+        x, y = images[start:start + size], labels[start:start + size]
+        pad = size - x.shape[0]
+        if pad:
+            x = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)])
+        logits = np.asarray(_logits(model)(variables, x), np.float64)[:len(y)]
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        correct += int((logits.argmax(-1) == y).sum())
+        total += float(-logp[np.arange(len(y)), y].sum())
+    return correct / n, total / n
+
+
+def evaluate(model, variables, variability: devices.VariabilityModel, key, num_chips: int,
+             test: data.Dataset, *, tuning: selftune.SelfTune | None = None,
+             budget_bytes: int | None = None, thresholds=(), progress: bool = False
+             ) -> Evaluation:
+    """``num_chips`` chips of the paper's device on ``test``; with no variation, the nominal
+    model once (every chip would be the same). ``tuning`` self-tunes each chip first."""
+    device = devices.from_variability(variability)
+    if device.is_ideal:
+        start = time.perf_counter()
+        acc, loss = nominal_metrics(model, variables, test)
+        summary = montecarlo.summarize([acc], acc, thresholds, loss=[loss], nominal_loss=loss)
+        return Evaluation(summary, np.array([acc]), np.array([loss]), len(test), None,
+                          time.perf_counter() - start)
+    res = montecarlo.evaluate_chips(model, variables, device, key, num_chips, test,
+                                    tuning=tuning, budget_bytes=budget_bytes, progress=progress)
+    return Evaluation(res.summary(thresholds), res.accuracy, res.loss, res.num_images,
+                      res.tune_cost, res.seconds)
+
+
+# -------------------------------------------------------------------------- result files
+
+
+def meta(config, **extra) -> dict:
+    """A result file's metadata: the settings, the command line and ``extra``."""
+    return {"args": files.jsonable(config), "command": " ".join(sys.argv), **extra}
 
 
 def write_results(out: Path, name: str, rows: list[dict], meta: dict) -> None:
     """Write ``<name>.json`` (meta and rows) and ``<name>.csv`` (rows) into ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    meta = dict(meta, command=" ".join(sys.argv))
-    (out / f"{name}.json").write_text(json.dumps(_jsonable({"meta": meta, "rows": rows}),
-                                                 indent=2))
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    with open(out / f"{name}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(_jsonable(rows))
+    files.write_json(Path(out) / f"{name}.json", {"meta": meta, "rows": rows})
+    files.write_csv(Path(out) / f"{name}.csv", rows)
 
 
 def pyplot():
@@ -153,162 +218,6 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def floats(text: str) -> tuple[float, ...]:
-    """Parse a comma-separated list of floats (argparse type): '0,0.1' -> (0.0, 0.1)."""
-    return _parse_list(text, float, "numbers")
-
-
-def ints(text: str) -> tuple[int, ...]:
-    """Parse a comma-separated list of ints (argparse type): '1,2' -> (1, 2)."""
-    return _parse_list(text, int, "integers")
-
-
-def _parse_list(text: str, kind, what: str) -> tuple:
-    try:
-        return tuple(kind(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {what}") \
-            from None
-
-
-def add_run_args(p) -> None:
-    """Options every claim experiment shares: training size, evaluation size, data, seed."""
-    p.add_argument("--epochs", type=int, default=None, help="default: the setup's")
-    p.add_argument("--train-images", type=int, default=None, help="default: all")
-    p.add_argument("--test-images", type=int, default=1000)
-    p.add_argument("--chips", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--digital-first-last", action="store_true",
-                   help="keep the first and last layers digital (no variation)")
-    p.add_argument("--smoke", action="store_true", help="seconds-long run on tiny data (tests)")
-
-
-# ------------------------------------------------------------------ between-chip sweeps
-
-
-def add_between_args(p, default_out: str) -> None:
-    """Options shared by the between-chip sweeps (claims 2 and 3)."""
-    p.add_argument("--setup", default="lenet5", choices=tuple(SETUPS))
-    p.add_argument("--out", default=default_out, help="output directory")
-    p.add_argument("--runs", default=None, help="trained models (default <out>/runs)")
-    p.add_argument("--quant", default="W2A4")
-    p.add_argument("--sigma-total", type=float, default=0.3,
-                   help="total sigma split between within and between")
-    p.add_argument("--fractions", type=floats, default=(0.0, 0.25, 0.5, 0.75, 1.0),
-                   help="between-chip share of the variance")
-    p.add_argument("--granularities", type=lambda s: tuple(s.split(",")),
-                   default=("chip", "layer"))
-    p.add_argument("--train-sigma", type=float, default=None,
-                   help="qavat's training sigma_within (default: --sigma-total)")
-    p.add_argument("--calib-images", type=int, default=256, help="unlabeled calibration images")
-    add_run_args(p)
-
-
-def finish_between_args(p, args):
-    """Apply --smoke and the defaults, validate; return args."""
-    if args.smoke:
-        args.fractions = (0.0, 1.0)
-        args.granularities = ("layer",)
-        args.epochs, args.train_images, args.test_images = 1, 256, 64
-        args.chips, args.calib_images = 4, 64
-        args.batch_size = args.batch_size or 32
-        if args.train_sigma is None:
-            args.train_sigma = 0.2
-    from pimjax.variability import GRANULARITIES
-
-    bad = [g for g in args.granularities if g not in GRANULARITIES]
-    if bad:
-        p.error(f"--granularities {bad} unknown: use some of {GRANULARITIES}")
-    if any(not 0 <= f <= 1 for f in args.fractions):
-        p.error("--fractions must be in [0, 1]")
-    if args.sigma_total <= 0:
-        p.error("--sigma-total must be > 0")
-    setup = check_setup(args.setup)
-    args.epochs = args.epochs or setup["epochs"]
-    args.train_sigma = args.sigma_total if args.train_sigma is None else args.train_sigma
-    args.out = Path(args.out)
-    args.runs = Path(args.runs) if args.runs else args.out / "runs"
-    return args
-
-
-def qavat_model(args, progress: bool = True):
-    """Train (or reuse) the sweep's qavat model; return (model, variables, run dir)."""
-    setup = check_setup(args.setup)
-    base = base_config(setup, epochs=args.epochs, train_images=args.train_images,
-                       test_images=args.test_images, seed=args.seed, data_dir=args.data_dir,
-                       batch_size=args.batch_size, digital_first_last=args.digital_first_last)
-    config = TrainConfig(**base, method="qavat", quant=args.quant, sigma_within=args.train_sigma)
-    return train_or_load(config, args.runs, progress)
-
-
-def between_sweep(args, tunes=("none",), progress: bool = True) -> list[dict]:
-    """Evaluate the qavat model at every (granularity, between fraction), per self-tune variant.
-
-    ``tunes``: "none" and/or :data:`pimjax.selftune.METHODS`. Every variant sees the same
-    chips (chip i from ``fold_in(key, i)``).
-    """
-    import jax
-
-    from pimjax import selftune
-    from pimjax.montecarlo import evaluate_chips
-    from pimjax.variability import VariabilityModel
-
-    setup = check_setup(args.setup)
-    model, variables, workdir = qavat_model(args, progress)
-    test, calib = eval_data(setup["dataset"], args.test_images, args.calib_images,
-                            args.data_dir)
-    stats = selftune.nominal_stats(model, variables, calib)
-    key = jax.random.key(args.seed + 1)
-    rows = []
-    for gran in args.granularities:
-        for frac in args.fractions:
-            vm = VariabilityModel.from_total(args.sigma_total, frac, between_granularity=gran)
-            for tune in tunes:
-                tuning = None if tune == "none" else selftune.SelfTune(tune, calib, stats)
-                res = evaluate_chips(model, variables, vm, key, args.chips, test,
-                                     tuning=tuning, progress=False)
-                s = res.summary()
-                cost = res.tune_cost
-                rows.append({
-                    "granularity": gran, "between_fraction": frac,
-                    "sigma_within": vm.sigma_within, "sigma_between": vm.sigma_between,
-                    "self_tune": tune, "nominal": s["nominal"], "mean": s["mean"],
-                    "p5": s["p5"], "min": s["min"], "std": s["std"],
-                    "drop_mean": s["drop_mean"], "drop_p5": s["drop_p5"],
-                    "chips": s["chips"], "test_images": res.num_images,
-                    "calib_images": cost.images if cost else 0,
-                    "calib_passes": cost.passes if cost else 0,
-                    "calib_cost": str(cost) if cost else "", "run": workdir.name,
-                })
-                if progress:
-                    print(f"{gran:<6} between {frac:.2f} {tune:<12} mean {100 * s['mean']:.2f} "
-                          f"drop {100 * s['drop_mean']:.2f}", flush=True)
-    return rows
-
-
-def run_between(args, name: str, tunes, title: str, progress: bool = True) -> list[dict]:
-    """Run :func:`between_sweep`, write ``<name>.json``/``.csv``/``_table.txt``/``.png``; return
-    the rows."""
-    rows = between_sweep(args, tunes, progress)
-    write_results(args.out, name, rows, {"args": args_meta(args)})
-    (args.out / f"{name}_table.txt").write_text(format_between(rows) + "\n")
-    plot_between(args, rows, args.out / f"{name}.png",
-                 f"{name}, {args.setup} {args.quant} qavat: {title}sigma_total "
-                 f"{args.sigma_total}, {args.chips} chips")
-    return rows
-
-
-def report_between(args, rows, name: str, seconds: float, extra: str = "") -> None:
-    """Print a between-chip sweep's header, table and the files it wrote."""
-    print(f"{args.setup} {args.quant} qavat (trained at sigma_within {args.train_sigma}), "
-          f"sigma_total {args.sigma_total}, {args.chips} chips{extra}; accuracy in %")
-    print(format_between(rows))
-    print(f"wrote {args.out}/{name}.json, {name}.csv, {name}_table.txt, {name}.png "
-          f"({seconds:.0f} s)")
 
 
 def text_table(rows, columns) -> str:
@@ -331,6 +240,177 @@ def text_table(rows, columns) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------- claim scripts
+
+
+@dataclasses.dataclass(frozen=True)
+class Output:
+    """Where a claim experiment writes its results and models, and how it reports."""
+
+    out: Path | None = None
+    """output folder (default: results/<claim>/<setup>[-<dataset>], --smoke: runs/smoke/...)"""
+    runs: Path | None = None
+    """folder of the trained models, reused across runs and claims (default: <out>/runs)"""
+    progress: bool = True
+    """progress bars and per-run lines (--no-progress: quiet)"""
+    dry_run: bool = False
+    """print the plan and its run-time estimate, then exit (nothing is loaded or trained)"""
+
+
+def claim_defaults(args_type, preset):
+    """A :func:`pimjax.cli.run` default: ``args_type(preset(--setup, --smoke))``."""
+    def default(argv):
+        return args_type(preset(cli.flag_value(argv, "--setup") or "lenet5",
+                                cli.has_flag(argv, "--smoke")))
+
+    return default
+
+
+def claim_out(claim: str, config: claims.ClaimRun, output: Output) -> tuple[Path, Path]:
+    """The output and runs folders of a claim experiment."""
+    name = config.setup
+    if config.dataset_name != setups.get(config.setup).dataset:
+        name += f"-{config.dataset_name}"
+    out = output.out or Path("runs/smoke" if config.smoke else "results") / claim / name
+    return Path(out), Path(output.runs or Path(out) / "runs")
+
+
+def dataset_size(config: claims.ClaimRun, split: str) -> int:
+    """Images of ``split`` an experiment uses (its limit, or the split's registry size)."""
+    info = data.info(config.dataset_name)
+    full = info.train_size if split == "train" else info.test_size
+    limit = config.train_images if split == "train" else config.test_images
+    return full if limit is None else min(limit, full)
+
+
+def gemm_rate() -> float:
+    """FLOP/s of a 2048 x 2048 float32 matrix product on the default device (~0.3 s)."""
+    a = jnp.ones((2048, 2048), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < 0.3:
+        f(a).block_until_ready()
+        n += 1
+    return 2 * 2048**3 * n / (time.perf_counter() - start)
+
+
+def estimate(model, trainings: int, image_epochs: int, chip_images: int) -> str:
+    """A rough run-time estimate of ``trainings`` runs of ``image_epochs`` training images
+    each and ``chip_images`` chip-image evaluations, from the model's FLOPs."""
+    flops = introspect.forward_flops(model) * (3 * trainings * image_epochs + chip_images)
+    rate = gemm_rate()
+    seconds = flops / (EFFICIENCY * rate)
+    return (f"estimated run time: {_duration(seconds)} for {trainings} training(s) of "
+            f"{image_epochs:,} image-epochs and {chip_images:,} chip-images "
+            f"({introspect.forward_flops(model) / 1e6:.0f} MFLOP per image forward, "
+            f"{EFFICIENCY:.0%} of a measured {rate / 1e9:.0f} GFLOP/s GEMM rate; a rough guide, "
+            "finished runs are reused)")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.0f} days"
+
+
+# ------------------------------------------------------------------ between-chip sweeps
+
+
+def between_model(config: claims.Between, runs: Path, progress: bool) -> Run:
+    """Train (or reuse) the sweep's qavat model."""
+    return train_or_load(config.train_config("qavat", config.quant, config.qavat_sigma), runs,
+                         progress)
+
+
+def between_plan(config: claims.Between, tunes) -> str:
+    """The plan of a between sweep and, for a paper-size setup, its estimate."""
+    tconfig = config.train_config("qavat", config.quant, config.qavat_sigma)
+    points = len(config.granularities) * len(config.fractions)
+    n_train, n_test = dataset_size(config, "train"), dataset_size(config, "test")
+    lines = [f"plan: 1 qavat model ({run_name(tconfig)}), {points} sweep points x "
+             f"{len(tunes)} evaluation(s) of {config.chips} chips x {n_test} test images"]
+    model = tconfig.model.build(tconfig.num_classes, tconfig.quant)
+    lines.append(estimate(model, 1, n_train * config.epochs,
+                          points * len(tunes) * config.chips * n_test))
+    return "\n".join(lines)
+
+
+def between_sweep(config: claims.Between, tunes, runs: Path, calib_images: int = 0,
+                  progress: bool = True) -> list[dict]:
+    """Evaluate the qavat model at every (granularity, between fraction), per tune variant.
+
+    ``tunes``: "none" and/or :data:`pimjax.selftune.TUNE_VARIANTS`. Every variant sees the
+    same chips (chip i from ``fold_in(chip_key(seed), i)``).
+    """
+    run = between_model(config, runs, progress)
+    test = load_split(config.dataset_name, "test", config.data_dir, config.test_images)
+    calib = stats = None
+    if any(t != "none" for t in tunes):
+        calib = calibration_images(config.dataset_name, calib_images, config.data_dir)
+        if any(t in selftune.NEEDS_STATS for t in tunes):
+            stats = selftune.nominal_stats(run.model, run.variables, calib)
+    key = chip_key(config.seed)
+    rows = []
+    for gran in config.granularities:
+        for frac in config.fractions:
+            vm = devices.VariabilityModel.from_total(config.sigma_total, frac,
+                                                     between_granularity=gran)
+            for tune in tunes:
+                tuning = None if tune == "none" else selftune.SelfTune(tune, calib, stats)
+                ev = evaluate(run.model, run.variables, vm, key, config.chips, test,
+                              tuning=tuning)
+                s, cost = ev.summary, ev.tune_cost
+                rows.append({
+                    "granularity": gran, "between_fraction": frac,
+                    "sigma_within": vm.sigma_within, "sigma_between": vm.sigma_between,
+                    "self_tune": tune, "nominal": s["nominal"], "mean": s["mean"],
+                    "p5": s["p5"], "min": s["min"], "std": s["std"],
+                    "drop_mean": s["drop_mean"], "drop_p5": s["drop_p5"],
+                    "chips": s["chips"], "test_images": ev.num_images,
+                    "calib_images": cost.images if cost else 0,
+                    "calib_passes": cost.passes if cost else 0,
+                    "calib_cost": str(cost) if cost else "", "run": run.workdir.name,
+                    "dataset": config.dataset_name,
+                    "train_images": run.summary.get("train_images"),
+                })
+                if progress:
+                    print(f"{gran:<6} between {frac:.2f} {tune:<12} mean {100 * s['mean']:.2f} "
+                          f"drop {100 * s['drop_mean']:.2f}", flush=True)
+    return rows
+
+
+def run_between(config: claims.Between, output: Output, name: str, tunes, title: str,
+                calib_images: int = 0) -> list[dict] | None:
+    """The claim-2/3 script body: plan, lock the output folder, sweep, write, print."""
+    out, runs = claim_out(name, config, output)
+    setup = setups.get(config.setup)
+    if output.dry_run or setup.paper_size:
+        print(between_plan(config, tunes), flush=True)
+    if output.dry_run:
+        return None
+    progress = output.progress and not config.smoke
+    start = time.perf_counter()
+    with files.run_lock(out):
+        rows = between_sweep(config, tunes, runs, calib_images, progress)
+        write_results(out, name, rows, meta(config, setup=setup))
+        files.write_text(out / f"{name}_table.txt", format_between(rows) + "\n")
+        plot_between(rows, out / f"{name}.png",
+                     f"{name}, {config.setup} on {config.dataset_name}, {config.quant} qavat: "
+                     f"{title}sigma_total {config.sigma_total}, {config.chips} chips")
+    print(f"{config.setup} on {config.dataset_name}, {config.quant} qavat (trained at "
+          f"sigma_within {config.qavat_sigma}), sigma_total {config.sigma_total}, "
+          f"{config.chips} chips, {rows[0]['test_images']} test images; accuracy in %")
+    print(format_between(rows))
+    print(f"wrote {out}/{name}.json, {name}.csv, {name}_table.txt, {name}.png "
+          f"({time.perf_counter() - start:.0f} s)")
+    return rows
+
+
 BETWEEN_COLUMNS = (("gran", "granularity", 7, "text"), ("between", "between_fraction", 8, "num"),
                    ("self-tune", "self_tune", 13, "rtext"), ("nominal", "nominal", 9, "pct"),
                    ("mean", "mean", 8, "pct"), ("p5", "p5", 8, "pct"),
@@ -343,7 +423,7 @@ def format_between(rows) -> str:
     return text_table(rows, BETWEEN_COLUMNS)
 
 
-def plot_between(args, rows, path: Path, title: str) -> None:
+def plot_between(rows, path: Path, title: str) -> None:
     """Mean accuracy drop vs between fraction, one panel per granularity, a line per variant."""
     plt = pyplot()
     grans = list(dict.fromkeys(r["granularity"] for r in rows))
@@ -365,10 +445,6 @@ def plot_between(args, rows, path: Path, title: str) -> None:
     axes[0][0].legend(fontsize=7)
     fig.suptitle(textwrap.fill(title, 90), fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    files.save_figure(fig, path, dpi=120)
     plt.close(fig)
 
-
-def args_meta(args) -> dict:
-    """argparse namespace as JSON-friendly dict."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}

@@ -1,11 +1,16 @@
 """Train a model with one of the methods fp, qat, vat, ptq, qavat.
 
-Examples::
+Every field of pimjax.train.TrainConfig is a flag (nested ones as --optim.lr, --quant.weight-bits,
+--device.sigma-within, ...); --setup picks the model, dataset and training recipe the other
+flags start from (see pimjax.configs.setups).
 
-    python experiments/train.py --model lenet5 --dataset mnist --method qavat --quant W2A4 \\
-        --sigma_within 0.3 --epochs 10 --out runs/lenet5_qavat_w2a4_s0.3
-    python experiments/train.py --model lenet5 --method ptq --quant W2A4 --sigma_within 0.3 \\
-        --from_checkpoint runs/lenet5_vat_s0.3 --out runs/lenet5_ptq_w2a4_s0.3
+    python experiments/train.py --out runs/lenet5_qavat --train-method qavat \\
+        --quant.weight-bits 2 --quant.act-bits 4 --device.sigma-within 0.3 --optim.epochs 10
+    python experiments/train.py --out runs/lenet5_ptq --train-method ptq \\
+        --quant.weight-bits 2 --quant.act-bits 4 --device.sigma-within 0.3 \\
+        --ptq.from-checkpoint runs/lenet5_vat
+    python experiments/train.py --setup vgg11 --out runs/vgg11_qat --train-method qat \\
+        --quant.weight-bits 4 --quant.act-bits 8      # the paper's recipe (a GPU job)
 
 Writes config.json, metrics.json/metrics.csv and orbax checkpoints (checkpoints/, best/) into
 --out; --resume continues an interrupted run from its last checkpoint.
@@ -13,70 +18,80 @@ Writes config.json, metrics.json/metrics.csv and orbax checkpoints (checkpoints/
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import sys
+from pathlib import Path
+from typing import Annotated
 
+import common
+import tyro
+
+from pimjax import cli
+from pimjax.configs import setups
 from pimjax.train import TrainConfig, train
 
 
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "y", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
+@dataclasses.dataclass(frozen=True)
+class Args:
+    """The training run's config and how to run it."""
+
+    config: Annotated[TrainConfig, common.FLAT]
+    out: Path
+    """output directory of the run"""
+    setup: setups.SetupName = "lenet5"
+    """model, dataset and training recipe the other flags' defaults come from"""
+    resume: bool = False
+    """continue from the last checkpoint in --out"""
+    stop_after: int | None = None
+    """stop after this many epochs in this call (continue later with --resume)"""
+    devices: int | None = None
+    """local devices for data parallelism (default: all)"""
+    progress: bool = True
+    """progress bars and per-epoch lines (--no-progress: quiet)"""
+    smoke: bool = False
+    """seconds-long run on tiny data (tests); changes only the defaults of flags not given"""
+
+    def __post_init__(self):
+        for field in ("stop_after", "devices"):
+            value = getattr(self, field)
+            if value is not None and (isinstance(value, bool) or value < 1):
+                raise ValueError(f"--{field.replace('_', '-')}={value} must be an integer >= 1")
+        n, batch = self.config.data.train_images, self.config.optim.batch_size
+        if n is not None and n < batch:
+            raise ValueError(f"--data.train-images {n} is below --optim.batch-size {batch}: an "
+                             "epoch would have no step")
 
 
-def _optional(kind):
-    def parse(text: str):
-        return None if text.lower() in ("none", "null", "") else kind(text)
-    parse.__name__ = kind.__name__
-    return parse
+def defaults(argv: list[str]) -> Args:
+    """The defaults: a float run of --setup (with --smoke, tiny sizes)."""
+    setup = cli.flag_value(argv, "--setup") or "lenet5"
+    smoke = cli.has_flag(argv, "--smoke")
+    return Args(setups.train(setup, smoke), tyro.MISSING, setup=setup, smoke=smoke)
 
 
-def _arg_type(annotation: str):
-    """argparse type of a TrainConfig field from its annotation (``"int | None"`` etc.)."""
-    text = str(annotation).replace(" ", "")
-    optional = text.endswith("|None")
-    kind = {"bool": _parse_bool, "int": int, "float": float, "str": str}[text.removesuffix("|None")]
-    return _optional(kind) if optional else kind
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """Command-line flags: one per TrainConfig field, plus the run options."""
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    for field in dataclasses.fields(TrainConfig):
-        parser.add_argument(f"--{field.name}", type=_arg_type(field.type), default=field.default,
-                            help=f"(default: {field.default})")
-    parser.add_argument("--out", required=True, help="output directory of the run")
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    parser.add_argument("--stop_after", type=int, default=None,
-                        help="stop after this many epochs in this call (resume later)")
-    parser.add_argument("--devices", type=int, default=None,
-                        help="local devices for data parallelism (default: all)")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
-    return parser
-
-
-def main(argv=None) -> dict:
-    """Parse flags, train, print the final metrics."""
-    args = build_parser().parse_args(argv)
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    try:
-        config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    final = train(config, args.out, resume=args.resume, stop_after=args.stop_after,
-                  num_devices=args.devices, progress=not args.no_progress)
-    print(f"\n{config.model} / {config.dataset} / {config.method} {config.quant} "
-          f"sigma_within={config.sigma_within} sigma_between={config.sigma_between}")
+def run(args: Args) -> dict:
+    """Train, print and return the final metrics."""
+    config = args.config
+    setup = setups.get(args.setup)
+    if setup.paper_size:
+        model = config.model.build(config.num_classes, config.quant)
+        n = config.data.train_images or config.data.info.train_size
+        print(common.estimate(model, 1, n * config.optim.epochs, 0), flush=True)
+    result = train(config, workdir=args.out, resume=args.resume, stop_after=args.stop_after,
+                   num_devices=args.devices, progress=args.progress)
+    final = result.summary
+    print(f"\n{config.model.name} / {config.data.name} / {config.train_method} "
+          f"{config.quant.name} sigma_within={config.device.sigma_within} "
+          f"sigma_between={config.device.sigma_between}")
     width = max(len(k) for k in final)
     for key, value in final.items():
         text = f"{value:.4f}" if isinstance(value, float) else str(value)
         print(f"  {key:<{width}}  {text}")
     return final
+
+
+def main(argv=None) -> dict:
+    """Train from the command line (``argv``: default sys.argv)."""
+    return cli.run(run, Args, argv, default=defaults, description=__doc__)
 
 
 if __name__ == "__main__":

@@ -1,30 +1,295 @@
-"""Process setup and device meshes: scale-out on JAX's own engine."""
+"""Runs over several processes and hosts on JAX's own engine, and THE mesh helper.
+
+A multi-process run is the same script started once per process: each process calls
+:func:`initialize` first (it starts ``jax.distributed``), then builds the global mesh with
+:func:`make_mesh` and works on global ``jax.Array`` s; XLA moves the data between
+processes (gloo collectives on CPU). Nothing here distributes work by itself.
+
+Host data and global arrays:
+
+* :func:`replicate`: the same value on every device of the mesh (parameters, images);
+* :func:`shard_rows`: rows split over the mesh from data every process holds in full
+  (chip keys, a batch every process loaded);
+* :func:`process_rows` / :func:`from_process_rows`: each process holds only its own rows
+  (its shard of a global batch);
+* :func:`to_host`: a global array back as NumPy on every process (a collective: every
+  process must call it); only :func:`is_primary` should then write files.
+
+Failure behaviour (jax 0.10.2 on CPU, two processes on one machine, measured by
+``benchmarks/distributed_failure.py``; see ``docs/distributed.md``): when one process dies
+(SIGKILL) or hangs (SIGSTOP), every other process exits within ``heartbeat_timeout`` + about
+1 s with JAX's "Terminating process because the JAX distributed service detected fatal
+errors" (SIGABRT, exit status 134); a killed process 0 (the coordinator) stops the others at
+once. A collective with a killed peer fails at once (``JaxRuntimeError: Gloo ... failed:
+... Connection closed by peer``), and the process still exits only at the same bound. A
+process that never connects stops the others after ``initialization_timeout`` + about 6 s.
+
+A Python exception is different: the failing process stays alive in JAX's exit barrier while
+the others wait in their next collective, and the run ends only after ``shutdown_timeout``.
+Entry points therefore end a failed process with :func:`exit_now`, which the others see as a
+dead process (the bounds above).
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import re
+import sys
+from typing import NoReturn
+
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+# Seconds without a heartbeat after which a process is declared dead and the others abort
+# (jax's default is 100 s). Heartbeats come from a background thread, so long computations
+# do not delay them.
+HEARTBEAT_TIMEOUT = 30
+# Seconds every process waits for all the others to connect (jax's default).
+INITIALIZATION_TIMEOUT = 300
+# Seconds a finished process waits at exit for the others to finish (jax's default); only a
+# live but slower process is waited for: a dead one fails the wait after HEARTBEAT_TIMEOUT.
+SHUTDOWN_TIMEOUT = 300
+
+_HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+):([0-9]{1,5})$")
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------- settings
+
+
+def check_coordinator(coordinator: str) -> tuple[str, int]:
+    """``(host, port)`` of a ``HOST:PORT`` address, or ValueError naming ``--coordinator``."""
+    match = _HOST_PORT.match(coordinator) if isinstance(coordinator, str) else None
+    if match is None or not 1 <= int(match.group(2)) <= 65535:
+        raise ValueError(f"coordinator={coordinator!r} is not HOST:PORT (port 1..65535): pass "
+                         "--coordinator with process 0's address, e.g. 10.0.0.1:12345")
+    return match.group(1), int(match.group(2))
+
+
+def check_settings(coordinator: str | None, num_processes: int | None,
+                   process_id: int | None) -> None:
+    """Raise ValueError (naming the flag) unless the settings are all unset or all valid."""
+    given = {"--coordinator": coordinator, "--num-processes": num_processes,
+             "--process-id": process_id}
+    if all(v is None for v in given.values()):
+        return
+    missing = [flag for flag, v in given.items() if v is None]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} missing: pass --coordinator, --num-processes "
+                         "and --process-id together, or none of them (auto-detection)")
+    for flag, value, low in (("--num-processes", num_processes, 1),
+                             ("--process-id", process_id, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{flag}={value!r} must be an integer >= {low}")
+    if process_id >= num_processes:
+        raise ValueError(f"--process-id={process_id} is out of range for --num-processes="
+                         f"{num_processes}: use 0..{num_processes - 1}")
+    check_coordinator(coordinator)
+
+
+def _check_timeouts(**timeouts) -> None:
+    for name, value in timeouts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name}={value!r} must be a positive number of seconds")
+
+
+def cluster_detected() -> bool:
+    """Whether jax.distributed's own auto-detection recognises this environment.
+
+    SLURM (inside ``srun``), Open MPI and Cloud TPU VMs are detected by JAX itself; pimjax only
+    asks JAX's registry of cluster environments (no public API for it in jax 0.10).
+    """
+    try:
+        from jax._src.clusters import ClusterEnv
+        envs = [e for e in ClusterEnv._cluster_types if not e.opt_in_only_method]
+    except (ImportError, AttributeError):  # registry moved: let jax.distributed decide
+        return True
+    return any(env.is_env_present() for env in envs)
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, *, heartbeat_timeout: int = HEARTBEAT_TIMEOUT,
+               initialization_timeout: int = INITIALIZATION_TIMEOUT,
+               shutdown_timeout: int = SHUTDOWN_TIMEOUT) -> None:
+    """Join a multi-process run: explicit settings, else JAX's auto-detection, else one process.
+
+    Call it once, before any JAX computation (entry points do; importing pimjax never does).
+    With ``coordinator`` (process 0's ``HOST:PORT``), ``num_processes`` and ``process_id``
+    given, those are used (``num_processes=1`` is a no-op). With none of them, SLURM / Open
+    MPI / Cloud TPU settings are detected by ``jax.distributed``; elsewhere the run stays a
+    single process and nothing happens. CPU collectives use gloo. See the module docstring
+    for what the timeouts bound.
+    """
+    check_settings(coordinator, num_processes, process_id)
+    _check_timeouts(heartbeat_timeout=heartbeat_timeout,
+                    initialization_timeout=initialization_timeout,
+                    shutdown_timeout=shutdown_timeout)
+    timeouts = dict(heartbeat_timeout_seconds=heartbeat_timeout,
+                    initialization_timeout=initialization_timeout,
+                    shutdown_timeout_seconds=shutdown_timeout)
+    if coordinator is None:
+        if jax.distributed.is_initialized() or not cluster_detected():
+            return
+        _use_gloo()
+        try:
+            jax.distributed.initialize(**timeouts)
+        except ValueError as e:  # jax found no cluster after all: stay one process
+            if "coordinator_address" not in str(e):
+                raise
+            return
+        log.info("joined the multi-process run jax.distributed detected")
+    else:
+        if num_processes == 1:
+            return
+        _use_gloo()
+        # Explicit settings are used as given: no detection (under SLURM it would also pin
+        # each process to one local GPU).
+        jax.distributed.initialize(coordinator, int(num_processes), int(process_id),
+                                   cluster_detection_method="deactivate", **timeouts)
+        # (not jax.process_count(): that would start the backends here)
+        log.info("process %d of %d joined the run coordinated at %s", process_id,
+                 num_processes, coordinator)
+
+
+def exit_now(code: int) -> NoReturn:
+    """End this process with ``code``; in a multi-process run skip JAX's exit barrier.
+
+    Output is flushed, but no other ``atexit`` handler runs: call it after reporting the
+    error. The other processes then stop within ``heartbeat_timeout`` instead of waiting up
+    to ``shutdown_timeout`` for this one.
+    """
+    if not jax.distributed.is_initialized():
+        raise SystemExit(code)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
+def _use_gloo() -> None:
+    """CPU collectives over TCP (gloo), unless the user chose an implementation already."""
+    if jax.config.jax_cpu_collectives_implementation is None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+
+# ------------------------------------------------------------------------------------ mesh
 
 
 def make_mesh(axis: str, devices=None) -> Mesh:
-    """A 1-D mesh with axis ``axis`` over ``devices`` (default: every device of the job)."""
-    devices = list(devices) if devices is not None else jax.devices()
+    """A 1-D mesh named ``axis`` over ``devices`` (default: every device of every process).
+
+    The default order is process by process, so each process holds one contiguous block of
+    rows of an array sharded over ``axis`` (see :func:`process_rows`).
+    """
+    if not isinstance(axis, str) or not axis:
+        raise ValueError(f"axis={axis!r} must be a non-empty mesh axis name, e.g. 'chips'")
+    if devices is None:
+        devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    devices = list(devices)
     if not devices:
-        raise ValueError("devices is empty: pass at least one device")
+        raise ValueError("devices is empty: pass at least one device (or None for all)")
+    if len(set(devices)) != len(devices):
+        raise ValueError("devices lists a device twice: pass each device once")
     return Mesh(np.array(devices), (axis,))
 
 
-def shard_batch(mesh: Mesh, *arrays):
-    """Place arrays on ``mesh``, split along their leading (batch) axis over its one axis."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
-    return tuple(jax.device_put(a, sharding) for a in arrays)
+def is_primary() -> bool:
+    """True in the process that writes files and prints (process 0; the only one if alone)."""
+    return jax.process_index() == 0
 
 
-def replicate(mesh: Mesh, tree):
-    """Place a pytree on every device of ``mesh``."""
-    from jax.sharding import NamedSharding, PartitionSpec
+def _axis(mesh: Mesh) -> str:
+    if len(mesh.axis_names) != 1:
+        raise ValueError(f"mesh has axes {mesh.axis_names}: pass a 1-D mesh from make_mesh")
+    return mesh.axis_names[0]
 
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+def _check_rows(num_rows: int, mesh: Mesh, what: str) -> None:
+    if isinstance(num_rows, bool) or not isinstance(num_rows, (int, np.integer)) \
+            or num_rows <= 0 or num_rows % mesh.size:
+        raise ValueError(f"{what}={num_rows!r} must be a positive multiple of the mesh's "
+                         f"{mesh.size} devices: pad it")
+
+
+def process_rows(num_rows: int, mesh: Mesh) -> slice:
+    """The rows ``[start, stop)`` of a ``num_rows``-row array sharded over ``mesh`` held here."""
+    axis = _axis(mesh)
+    _check_rows(num_rows, mesh, "num_rows")
+    mine = [i for i, d in enumerate(mesh.devices.flat) if d.process_index == jax.process_index()]
+    if not mine:
+        raise ValueError(f"the mesh over '{axis}' has no device of process "
+                         f"{jax.process_index()}: build it with make_mesh")
+    if mine != list(range(mine[0], mine[-1] + 1)):
+        raise ValueError(f"this process's devices are not contiguous on mesh axis '{axis}': "
+                         "build the mesh with make_mesh's default device order")
+    block = num_rows // mesh.size
+    return slice(mine[0] * block, (mine[-1] + 1) * block)
+
+
+def _put(x, sharding: NamedSharding):
+    # A global array is resharded by XLA. Host and process-local arrays go through host
+    # memory: jax.device_put of a committed single-device array (e.g. variables restored by
+    # orbax) onto a multi-process sharding raises "does not support cross-host device
+    # transfers" on CPU (jax 0.10.2).
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        impl = jax.random.key_impl(x)
+        data = _put(jax.random.key_data(x), _trailing(sharding, x.ndim))
+        return jax.random.wrap_key_data(data, impl=impl)
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def _trailing(sharding: NamedSharding, ndim: int) -> NamedSharding:
+    """The sharding of a key array's data: the key's spec, the key-data axis unsharded."""
+    spec = tuple(sharding.spec) + (None,) * (ndim + 1 - len(sharding.spec))
+    return NamedSharding(sharding.mesh, P(*spec))
+
+
+def replicate(tree, mesh: Mesh):
+    """A pytree (the same value in every process) copied onto every device of the mesh."""
+    sharding = NamedSharding(mesh, P())
+    return jax.tree.map(lambda x: _put(x, sharding), tree)
+
+
+def shard_rows(tree, mesh: Mesh):
+    """Arrays every process holds in full, split by rows (axis 0) over the mesh."""
+    sharding = NamedSharding(mesh, P(_axis(mesh)))
+
+    def put(x):
+        _check_rows(np.shape(x)[0] if np.ndim(x) else 0, mesh, "rows")
+        return _put(x, sharding)
+
+    return jax.tree.map(put, tree)
+
+
+def from_process_rows(tree, mesh: Mesh, num_rows: int):
+    """Global ``num_rows``-row arrays from each process's own rows (``process_rows``)."""
+    sharding = NamedSharding(mesh, P(_axis(mesh)))
+    rows = process_rows(num_rows, mesh)
+
+    def put(x):
+        x = np.asarray(x)
+        if x.ndim == 0 or x.shape[0] != rows.stop - rows.start:
+            raise ValueError(f"this process holds {x.shape[:1]} rows, it must hold rows "
+                             f"{rows.start}..{rows.stop - 1} of {num_rows} (process_rows)")
+        return jax.make_array_from_process_local_data(sharding, x, (num_rows, *x.shape[1:]))
+
+    return jax.tree.map(put, tree)
+
+
+def to_host(tree):
+    """Every array of a pytree as a whole NumPy array, in every process (call it in all)."""
+    def get(x):
+        if isinstance(x, jax.Array) and not (x.is_fully_addressable
+                                             or x.sharding.is_fully_replicated):
+            return multihost_utils.process_allgather(x, tiled=True)
+        return np.asarray(x)
+
+    return jax.tree.map(get, tree)

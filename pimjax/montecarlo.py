@@ -26,12 +26,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from pimjax import data as pdata
 from pimjax import devices, introspect, selftune
-from pimjax.distributed import make_mesh
+from pimjax.distributed import is_primary, make_mesh, replicate, shard_rows, to_host
 from pimjax.introspect import CHIP_MODES, analog_kernels, chip_mode
 from pimjax.layers import with_chip, with_tune
 from pimjax.progress import progress_bar
@@ -460,24 +460,21 @@ def evaluate_chips(model, variables, device: devices.Device, key, num_chips: int
                        chips_per_chunk=chips_per_chunk, images_per_chunk=images_per_chunk,
                        calib_images=calib_batch, mode=mode)
     start = time.perf_counter()
-    rep = NamedSharding(mesh, P())
-    chip_sharding = NamedSharding(mesh, P(AXIS))
     xs, ys, ms = _prepare_images(images, labels, plan.images)
     template = analog_kernels(variables)
-    var_r, tmpl_r, xs_r, ys_r, ms_r = jax.device_put((variables, template, xs, ys, ms), rep)
+    var_r, tmpl_r, xs_r, ys_r, ms_r = replicate((variables, template, xs, ys, ms), mesh)
     if calib is not None:
-        calib, stats = jax.device_put((calib, stats), rep)
+        calib, stats = replicate((calib, stats), mesh)
     sample_fn = _sample_step(mesh, device)
     tune_fn = None if variant is None else _tune_step(model, mesh, variant, tune_batch,
                                                       plan.mode)
     metrics_fn = _metrics_step(model, mesh, plan.mode)
     bar = progress_bar(plan.num_chip_chunks * (plan.num_image_chunks + (tune_fn is not None)),
-                       "chips", progress, unit="chunk")
+                       "chips", progress and is_primary(), unit="chunk")
     correct = np.zeros(plan.num_chip_chunks * plan.chips, np.int64)
     loss = np.zeros(plan.num_chip_chunks * plan.chips, np.float64)
     for c in range(plan.num_chip_chunks):
-        keys = jax.device_put(devices.chip_keys(key, plan.chips, start=c * plan.chips),
-                              chip_sharding)
+        keys = shard_rows(devices.chip_keys(key, plan.chips, start=c * plan.chips), mesh)
         chip = sample_fn(keys, tmpl_r, np.float32(t))
         tune = None
         if tune_fn is not None:
@@ -488,8 +485,8 @@ def evaluate_chips(model, variables, device: devices.Device, key, num_chips: int
             parts.append(metrics_fn(var_r, chip, keys, tune, xs_r, ys_r, ms_r, np.int32(j)))
             bar.update(1)
         sl = slice(c * plan.chips, (c + 1) * plan.chips)
-        for cc, ll in parts:
-            correct[sl] += np.asarray(cc)
+        for cc, ll in to_host(parts):
+            correct[sl] += cc
             loss[sl] += np.asarray(ll, np.float64)
     bar.close()
     seconds = time.perf_counter() - start
@@ -528,21 +525,19 @@ def tune_chips(model, variables, device: devices.Device, key, num_chips: int,
     plan = plan_chunks(model, num_chips, calib_batch, device=device,
                        num_devices=mesh.devices.size, budget_bytes=budget_bytes,
                        chips_per_chunk=chips_per_chunk, calib_images=calib_batch, mode=mode)
-    rep, chip_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
     template = analog_kernels(variables)
-    var_r, tmpl_r, calib, stats = jax.device_put((variables, template, calib, stats), rep)
+    var_r, tmpl_r, calib, stats = replicate((variables, template, calib, stats), mesh)
     sample_fn = _sample_step(mesh, device)
     tune_fn = _tune_step(model, mesh, variant, tune_batch, plan.mode)
-    bar = progress_bar(plan.num_chip_chunks, "tune", progress, unit="chunk")
+    bar = progress_bar(plan.num_chip_chunks, "tune", progress and is_primary(), unit="chunk")
     outs = []
     for c in range(plan.num_chip_chunks):
-        keys = jax.device_put(devices.chip_keys(key, plan.chips, start=c * plan.chips),
-                              chip_sharding)
+        keys = shard_rows(devices.chip_keys(key, plan.chips, start=c * plan.chips), mesh)
         outs.append(tune_fn(var_r, sample_fn(keys, tmpl_r, np.float32(t)), keys, calib, stats))
         bar.update(1)
     bar.close()
-    tune = jax.tree_util.tree_map(lambda *a: np.concatenate([np.asarray(x) for x in a])[:num_chips],
-                                  *outs)
+    outs = to_host(outs)
+    tune = jax.tree_util.tree_map(lambda *a: np.concatenate(a)[:num_chips], *outs)
     return selftune.TuneResult(tune, tuning.cost(model))
 
 

@@ -123,7 +123,7 @@ class ChipLayer:
         """The weights the crossbar computes with: ``w`` after every weight part, at ``t``
         (default: the chip's read time). A chip batch gives ``[C, *kernel]``."""
         t = self.t if t is None else jnp.broadcast_to(jnp.asarray(t, jnp.float32), self.t.shape)
-        if self.num_chips is not None and self.device.weights:
+        if self.num_chips is not None:
             w = jnp.broadcast_to(w, (self.num_chips, *jnp.shape(w)))
         for part, state in zip(self.device.weights, self.states, strict=True):
             w = part.apply(w, state, t)

@@ -29,7 +29,7 @@ import numpy as np
 from pimjax import checkpoint as ckpt_lib
 from pimjax import data as pdata
 from pimjax import files, montecarlo
-from pimjax.distributed import make_mesh, replicate, shard_batch
+from pimjax.distributed import make_mesh, replicate, shard_rows
 from pimjax.progress import progress_bar
 from pimjax.train.batches import train_batches
 from pimjax.train.config import TrainConfig
@@ -74,7 +74,7 @@ def evaluate(state: TrainState, dataset: pdata.Dataset, batch_size: int | None =
             labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
             mask = np.concatenate([mask, np.zeros(pad, np.float32)])
         if mesh is not None:
-            images, labels, mask = shard_batch(mesh, images, labels, mask)
+            images, labels, mask = shard_rows((images, labels, mask), mesh)
         sums.append(eval_step(state, images, labels, mask))
     correct = total_loss = 0.0
     for c, loss in jax.device_get(sums):
@@ -184,7 +184,7 @@ def _train(config, train_ds, test_ds, workdir, resume, stop_after, mesh, float_s
             history = [m for m in meta.get("history", []) if m["epoch"] <= start_epoch]
     if workdir is not None:
         files.write_json(workdir / "config.json", config.to_dict())
-    state = replicate(mesh, state)
+    state = replicate(state, mesh)
 
     if config.train_method == "ptq":
         return _run_ptq(config, state, float_source, train_ds, test_ds, chip_key, eval_key,
@@ -205,7 +205,7 @@ def _train(config, train_ds, test_ds, workdir, resume, stop_after, mesh, float_s
         bar = progress_bar(n_steps, f"epoch {epoch}/{config.optim.epochs}", progress)
         for i, (images, labels) in enumerate(train_batches(train_ds, config.optim.batch_size,
                                                            config.seed, epoch)):
-            batch = shard_batch(mesh, images, labels)
+            batch = shard_rows((images, labels), mesh)
             tc = time.perf_counter()
             state, metrics = train_step(state, batch, chip_key, aug_key, read_key)
             if epochs_run == 0 and i == 0:  # the first call compiles: time it apart
@@ -265,7 +265,7 @@ def _run_ptq(config, state, float_source, train_ds, test_ds, chip_key, eval_key,
              workdir, counts) -> TrainResult:
     """ptq: load the float weights, recalibrate under sampled chips, evaluate, save."""
     _, float_vars = float_source
-    state = replicate(mesh, init_from_float(state, float_vars))
+    state = replicate(init_from_float(state, float_vars), mesh)
     t0 = time.perf_counter()
     state = calibrate(state, train_ds, chip_key, config.ptq.calib_batches, mesh)
     jax.block_until_ready(state.batch_stats)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from pimjax.data import Dataset
-from pimjax.distributed import shard_batch
+from pimjax.distributed import shard_rows
 from pimjax.train.batches import train_batches
 from pimjax.train.state import TrainState, jit_opt_init
 from pimjax.train.steps import calibration_step
@@ -42,7 +42,7 @@ def calibrate(state: TrainState, dataset: Dataset, key, num_batches: int,
     while done < num_batches:
         for images, _ in train_batches(dataset, bs, state.config.seed, epoch):
             if mesh is not None:
-                (images,) = shard_batch(mesh, images)
+                images = shard_rows(images, mesh)
             state = calibration_step(state, images, key, done)
             done += 1
             if done == num_batches:
