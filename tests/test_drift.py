@@ -15,24 +15,34 @@ import numpy as np
 import pytest
 
 from pimjax import devices, drift, selftune
+from pimjax.configs import drift as presets
 from pimjax.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
+common = importlib.import_module("common")
 drift_script = importlib.import_module("drift")
+
+
+@pytest.fixture(autouse=True)
+def _keep_session_settings(monkeypatch):
+    """The script calls runtime.configure(): keep this session's compilation cache."""
+    monkeypatch.setenv("PIMJAX_COMPILE_CACHE", "0")
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     """One --smoke run: its output folder and rows."""
     out = tmp_path_factory.mktemp("drift")
-    rows = drift_script.main(["--smoke", "--out", str(out)])
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("PIMJAX_COMPILE_CACHE", "0")
+        rows = drift_script.main(["--smoke", "--out", str(out)])
     return out, rows
 
 
 def test_smoke_writes_every_point(smoke):
     out, rows = smoke
-    args = drift_script.smoke_defaults()
+    args = presets.drift_config(smoke=True)
     points = {(r["model"], r["compensation"], r["t"]) for r in rows}
     assert points == {(m, c, t) for m in args.models for c in args.compensations
                       for t in args.times}
@@ -60,15 +70,16 @@ def test_smoke_rerun_reuses_models_and_evaluations(smoke):
 def test_qavat_trains_under_the_pcm_device(smoke):
     """qavat with DeviceConfig(preset="pcm"): the loss falls, and the chips change training."""
     out, _ = smoke
-    args = drift_script.smoke_defaults()
+    args = presets.drift_config(smoke=True)
     histories = {}
     for model in ("qat", "qavat-pcm"):
-        config = drift_script.train_config(args, model)
-        run = out / "runs" / drift_script.run_name(config, model)
+        config = args.train_config(model)
+        run = out / "runs" / common.run_name(config)
         saved = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
         assert saved == config
         histories[model] = json.loads((run / "metrics.json").read_text())
-    assert drift_script.train_config(args, "qavat-pcm").device.preset == "pcm"
+    assert args.train_config("qavat-pcm").device.preset == "pcm"
+    assert "_pcm_" in common.run_name(args.train_config("qavat-pcm"))
     pcm = histories["qavat-pcm"][-1]
     assert np.isfinite(pcm["train_loss"]) and pcm["train_loss"] < pcm["first_loss"]
     assert pcm["test_acc"] > 0.2  # 10 classes: chance is 0.1
