@@ -32,7 +32,6 @@ from pimjax.devices.variability import (
     GRANULARITIES,
     VariabilityModel,
     between_factors,
-    sign_flipped,
 )
 
 __all__ = [
@@ -40,6 +39,6 @@ __all__ = [
     "Device", "DeviceConfig", "GlobalDriftCompensation", "Periphery", "StuckAt",
     "VariabilityModel", "at_time", "between_factors", "chip_device", "chip_keys", "fold_keys",
     "from_variability", "ideal", "is_chip_layer", "num_chips", "paper", "part_key", "pcm",
-    "read_keys", "sample_chip", "sample_chips", "sign_flipped", "stored_read_keys",
+    "read_keys", "sample_chip", "sample_chips", "stored_read_keys",
     "with_read_keys",
 ]
