@@ -52,16 +52,19 @@ def default_rpu_config(per_column: bool = False, bound_management: bool = False,
     return cfg
 
 
-def act_quant(bits: int, clip: float, signed: bool = False):
-    """pimjax's activation quantizer (``quant.quantize_activations``) as a torch module."""
+def act_quant(bits: int, hi: float, lo: float | None = None):
+    """pimjax's activation quantizers as a torch module: ``quant.quantize_activations``
+    (``2^b`` levels over ``[0, hi]``) or, given ``lo``, ``quant.quantize_affine`` (``2^b``
+    levels over ``[lo, hi]``, the signed first layer's)."""
     import torch
 
-    levels = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
-    step, lo = clip / levels, (-levels if signed else 0)
+    levels = 2**bits - 1
+    base = 0.0 if lo is None else lo
+    step = max(hi - base, 1e-8) / levels if lo is not None else hi / levels
 
     class ActQuant(torch.nn.Module):
         def forward(self, x):
-            return step * torch.round(torch.clamp(x / step, lo, levels))
+            return base + step * torch.round(torch.clamp((x - base) / step, 0, levels))
 
     return ActQuant()
 
@@ -70,7 +73,8 @@ def build_lenet(params: dict, rpu_config=None, act_bits: int | None = None):
     """An ``AnalogSequential`` LeNet-5 (NCHW input) holding ``params`` (pimjax layouts).
 
     ``act_bits`` inserts pimjax's input-activation quantizer before each analog layer, with the
-    clip ``params["<layer>/input_quant/act_max"]`` (the first layer's input is signed).
+    range ``params["<layer>/input_quant/act_max"]`` (and ``act_min`` for the first layer,
+    whose input is signed).
     """
     import torch
     from aihwkit.nn import AnalogConv2d, AnalogLinear, AnalogSequential
@@ -92,7 +96,8 @@ def build_lenet(params: dict, rpu_config=None, act_bits: int | None = None):
     def quant(layer, signed=False):
         if act_bits is None:
             return []
-        return [act_quant(act_bits, float(params[f"{layer}/input_quant/act_max"]), signed)]
+        lo = float(params[f"{layer}/input_quant/act_min"]) if signed else None
+        return [act_quant(act_bits, float(params[f"{layer}/input_quant/act_max"]), lo)]
 
     conv0 = AnalogConv2d(1, 6, 5, padding=2, bias=False, rpu_config=cfg)
     conv0.set_weights(p("AnalogConv_0/kernel").permute(3, 2, 0, 1))  # HWIO -> OIHW
