@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Annotated
 
 import common
+import numpy as np
 
-from pimjax import cli, devices, drift, files, selftune
+from pimjax import cli, devices, drift, files, montecarlo, selftune
 from pimjax.configs import drift as presets
 
 DATASET = "mnist"  # bundled with pimjax
@@ -58,32 +59,82 @@ def eval_path(out: Path, config: presets.Drift, run: str, compensation: str,
     return out / "evals" / f"{run}_{compensation}_{t:g}s_{tag}.json", settings
 
 
-def sweep(config: presets.Drift, out: Path, runs: Path, progress: bool) -> list[dict]:
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One evaluated point: its row and its per-chip and per-image accuracies."""
+
+    row: dict
+    accuracy: np.ndarray  # [chips]
+    image_accuracy: np.ndarray  # [test images]: the share of chips right on each image
+
+
+def sweep(config: presets.Drift, out: Path, runs: Path, progress: bool) -> list[Point]:
     """Every (model, compensation, time) point: trained or reused models, cached points."""
     test = common.load_split(DATASET, "test", config.data_dir, config.test_images)
     calib = common.calibration_images(DATASET, config.calib_images, config.data_dir)
     key = common.chip_key(config.seed)  # the same chips at every point
-    rows = []
+    points = []
     for name in config.models:
         run = common.train_or_load(config.train_config(name), runs, progress)
         stats = None
         for comp in config.compensations:
             for t in config.times:
                 path, settings = eval_path(out, config, run.workdir.name, comp, t)
-                if path.is_file() and json.loads(path.read_text())["settings"] == settings:
-                    row = json.loads(path.read_text())["row"]
-                else:
+                saved = json.loads(path.read_text()) if path.is_file() else {}
+                if saved.get("settings") != settings:
                     if comp in selftune.NEEDS_STATS and stats is None:
                         stats = selftune.nominal_stats(run.model, run.variables, calib)
-                    row = {"model": name, **drift.evaluate_drift(
+                    row, res = drift.evaluate_drift(
                         run.model, run.variables, devices.pcm(), comp, t, key, config.chips,
-                        test, calib=calib, stats=stats, progress=False)}
-                    files.write_json(path, {"settings": settings, "row": row})
+                        test, calib=calib, stats=stats, progress=False)
+                    saved = {"settings": settings, "row": {"model": name, **row},
+                             "accuracy": res.accuracy, "image_accuracy": res.image_accuracy}
+                    files.write_json(path, saved)
+                point = Point(saved["row"], np.asarray(saved["accuracy"]),
+                              np.asarray(saved["image_accuracy"]))
                 if progress:
-                    print(f"  {name:12s} {comp:12s} {row['time']:>9s}  mean {row['mean']:.4f}"
-                          f"  p5 {row['p5']:.4f}  min {row['min']:.4f}", flush=True)
-                rows.append(row)
-    return rows
+                    r = point.row
+                    print(f"  {name:12s} {comp:12s} {r['time']:>9s}  mean {r['mean']:.4f}"
+                          f"  p5 {r['p5']:.4f}  min {r['min']:.4f}", flush=True)
+                points.append(point)
+    return points
+
+
+def differences(points: list[Point], baseline: str, by: str) -> list[dict]:
+    """Paired differences of mean accuracy against a baseline on the same chips and images.
+
+    ``by="compensation"``: each compensation minus ``baseline`` (e.g. ``drift``) for the same
+    model and time; ``by="model"``: each model minus ``baseline`` (e.g. ``qat``) for the same
+    compensation and time. Each row has the difference and its standard error over chips
+    and images (:func:`pimjax.montecarlo.paired_standard_error`).
+    """
+    other = "model" if by == "compensation" else "compensation"
+    index = {(p.row[by], p.row[other], p.row["t"]): p for p in points}
+    out = []
+    for (name, group, t), p in index.items():
+        base = index.get((baseline, group, t))
+        if name == baseline or base is None:
+            continue
+        d = p.accuracy - base.accuracy
+        se = montecarlo.paired_standard_error(d, p.image_accuracy - base.image_accuracy)
+        out.append({by: f"{name} - {baseline}", other: group, "t": t, "time": p.row["time"],
+                    "diff": float(d.mean()), "se": se})
+    return out
+
+
+def diff_table(rows: list[dict], label: str, group: str) -> str:
+    """Differences in percentage points (± their standard error), a column per read time."""
+    times = list(dict.fromkeys(r["time"] for r in rows))
+    head = f"{group:<13}{label:<26}" + "".join(f"{t:>15}" for t in times)
+    lines = [head, "-" * len(head)]
+    for g in dict.fromkeys(r[group] for r in rows):
+        for name in dict.fromkeys(r[label] for r in rows):
+            cells = {r["time"]: r for r in rows if r[group] == g and r[label] == name}
+            if cells:
+                lines.append(f"{g:<13}{name:<26}" + "".join(
+                    f"{100 * cells[t]['diff']:>+8.2f} ±{100 * cells[t]['se']:.2f}"
+                    if t in cells else f"{'':>15}" for t in times))
+    return "\n".join(lines)
 
 
 def table(rows: list[dict], stat: str) -> str:
@@ -137,12 +188,22 @@ def run(args: Args) -> list[dict]:
     progress = args.progress and not c.smoke
     start = time.perf_counter()
     with files.run_lock(out):
-        rows = sweep(c, out, runs, progress)
-        common.write_results(out, "drift", rows, common.meta(c, device=repr(devices.pcm())))
-        text = "\n\n".join(
-            f"{stat} accuracy over {c.chips} PCM chips, LeNet-5 {c.quant} on {DATASET} "
-            f"({rows[0]['chips']} chips x {c.test_images} test images), %\n{table(rows, stat)}"
-            for stat in ("mean", "p5", "min"))
+        points = sweep(c, out, runs, progress)
+        rows = [p.row for p in points]
+        vs_drift = differences(points, "drift", "compensation")
+        vs_qat = differences(points, "qat", "model")
+        common.write_results(out, "drift", rows, common.meta(
+            c, device=repr(devices.pcm()), vs_drift=vs_drift, vs_qat=vs_qat))
+        sizes = f"LeNet-5 {c.quant} on {DATASET}, {c.chips} PCM chips x {c.test_images} images"
+        parts = [f"{stat} accuracy over chips (%), {sizes}\n{table(rows, stat)}"
+                 for stat in ("mean", "p5", "min")]
+        if vs_drift:
+            parts.append("mean accuracy minus global drift compensation's, same chips and "
+                         f"images (points ± SE)\n{diff_table(vs_drift, 'compensation', 'model')}")
+        if vs_qat:
+            parts.append("mean accuracy minus the qat model's, same chips and images (points "
+                         f"± SE)\n{diff_table(vs_qat, 'model', 'compensation')}")
+        text = "\n\n".join(parts)
         files.write_text(out / "drift_table.txt", text + "\n")
         plot(rows, out / "drift.png", f"LeNet-5 {c.quant} on PCM chips (aihwkit 1.1 model, "
              f"{c.chips} chips): accuracy vs read time, per compensation")

@@ -70,10 +70,13 @@ def compensated(device: devices.Device, compensation: str, calib=None,
 
 def evaluate_drift(model, variables, device: devices.Device, compensation: str, t: float, key,
                    num_chips: int, dataset, *, calib=None,
-                   stats: selftune.NominalStats | None = None, **kwargs) -> dict:
+                   stats: selftune.NominalStats | None = None, **kwargs
+                   ) -> tuple[dict, montecarlo.ChipResults]:
     """One point of the drift table: ``num_chips`` chips of ``device`` read at ``t`` seconds
-    with ``compensation``; the summary of their accuracies (:func:`pimjax.montecarlo.summarize`)
-    with the compensation, the read time, the calibration cost and the seconds it took.
+    with ``compensation``. Returns a row (the summary of :meth:`ChipResults.summary`: mean,
+    std, min, p5, ..., ``se``; with the compensation, the read time, the calibration cost and
+    the seconds it took) and the sweep's :class:`pimjax.montecarlo.ChipResults` (per-chip and
+    per-image accuracies, for paired differences between points).
 
     ``kwargs`` go to :func:`pimjax.montecarlo.evaluate_chips` (chunk sizes, ``progress``, ...).
     """
@@ -81,8 +84,9 @@ def evaluate_drift(model, variables, device: devices.Device, compensation: str, 
     res = montecarlo.evaluate_chips(model, variables, dev, key, num_chips, dataset,
                                     tuning=tuning, t=t, **kwargs)
     cost = res.tune_cost
-    return {"compensation": compensation, "t": float(t), "time": time_label(t),
-            **res.summary(),
-            "calib_images": cost.images if cost else 0,
-            "calib_passes": cost.passes if cost else 0,
-            "seconds": res.seconds}
+    row = {"compensation": compensation, "t": float(t), "time": time_label(t),
+           **res.summary(),
+           "calib_images": cost.images if cost else 0,
+           "calib_passes": cost.passes if cost else 0,
+           "seconds": res.seconds}
+    return row, res

@@ -55,6 +55,12 @@ def test_smoke_writes_every_point(smoke):
         assert (out / name).stat().st_size > 0
     assert "10 years" not in (out / "drift_table.txt").read_text()
     assert "1 year" in (out / "drift_table.txt").read_text()
+    # paired differences: every compensation but drift against drift, qavat-pcm against qat
+    vs_drift, vs_qat = saved["meta"]["vs_drift"], saved["meta"]["vs_qat"]
+    assert {r["compensation"] for r in vs_drift} == {"none - drift", "channel - drift"}
+    assert {r["model"] for r in vs_qat} == {"qavat-pcm - qat"}
+    assert len(vs_drift) == 2 * 2 * 2 and len(vs_qat) == 3 * 2
+    assert all(r["se"] >= 0 for r in vs_drift + vs_qat)
 
 
 def test_smoke_rerun_reuses_models_and_evaluations(smoke):
@@ -97,6 +103,23 @@ def test_smoke_flags_are_checked_before_any_work(tmp_path, capsys):
 
 
 # -------------------------------------------------------------------- the library part
+
+
+def test_differences_pair_chips_and_images():
+    """Hand-computed: mean of per-chip differences, SE from chips' and images' variances."""
+    def point(model, comp, acc, img):
+        return drift_script.Point({"model": model, "compensation": comp, "t": 1.0,
+                                   "time": "1 s"}, np.array(acc), np.array(img))
+
+    base = point("qat", "drift", [0.90, 0.80, 0.70], [1.0, 2 / 3, 1 / 3, 1.0])
+    tuned = point("qat", "channel", [0.95, 0.80, 0.75], [1.0, 1.0, 1 / 3, 1.0])
+    (row,) = drift_script.differences([base, tuned], "drift", "compensation")
+    assert row["compensation"] == "channel - drift" and row["model"] == "qat"
+    assert row["diff"] == pytest.approx(0.1 / 3)
+    d_chip, d_img = np.array([0.05, 0.0, 0.05]), np.array([0.0, 1 / 3, 0.0, 0.0])
+    want = np.sqrt(d_chip.var(ddof=1) / 3 + d_img.var(ddof=1) / 4)
+    assert row["se"] == pytest.approx(want)
+    assert drift_script.differences([base, tuned], "paired", "compensation") == []
 
 
 def test_compensations_build_the_right_device():
