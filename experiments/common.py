@@ -87,8 +87,14 @@ def run_name(config: TrainConfig) -> str:
     parts += [config.data.name, config.train_method]
     if not config.quant.is_float:
         parts.append(config.quant.name.lower())
-    if not config.device.is_ideal:
-        parts.append(f"s{config.device.sigma_within:g}")
+    d = config.device
+    if d.preset == "pcm":  # the PCM device names itself, with its non-default settings
+        parts.append("pcm" + "".join(s for s, on in (
+            ("-dc", d.drift_compensation), (f"-z{d.stuck_zero:g}", d.stuck_zero),
+            (f"-g{d.stuck_gmax:g}", d.stuck_gmax), ("-noper", not d.periphery)) if on))
+    elif not d.is_ideal:
+        parts.append(f"s{d.sigma_within:g}")
+    if not d.is_ideal:
         if config.device.sigma_between:
             parts.append(f"b{config.device.sigma_between:g}{config.device.between_granularity}")
     if config.train_method != "ptq":

@@ -37,7 +37,6 @@ from pimjax.layers import with_chip, with_tune
 from pimjax.progress import progress_bar
 
 AXIS = "chips"
-EVAL_READS, TUNE_READS = 0, 1  # read-key streams (pimjax.devices.read_keys)
 CPU_BUDGET_BYTES = 1 << 30  # default per-device budget on CPU
 ACCEL_BUDGET_FRACTION = 0.5  # default on GPU/TPU: this share of the device memory
 MAX_IMAGES_PER_CHUNK = 1000  # images per chunk when the budget leaves the choice open
@@ -160,7 +159,9 @@ def memory_per_chip(model, device: devices.Device, mode: str | None = None
     ``layers`` keeps a few live copies of the largest activation per chip-image; ``map``
     keeps the first analog layer's output (and its chip-major copy) per chip-image and one
     chip's working set per image. Per chip: the chip's state (its size from ``eval_shape`` of
-    the device's sampler) and two copies of the effective weights.
+    the device's sampler) and two copies of the effective weights. A device with a periphery
+    also keeps the largest layer's crossbar inputs (a conv's im2col patches: output positions
+    x kernel rows) per chip-image.
     """
     mode = mode or chip_mode(model)
     template = analog_kernels(introspect.abstract_variables(model))
@@ -171,6 +172,11 @@ def memory_per_chip(model, device: devices.Device, mode: str | None = None
     per_chip = state + 2 * 4 * weights
     largest = max(introspect.activation_sizes(model))
     working = 4 * (_ACTIVATION_COPIES * largest + math.prod(introspect.input_shape(model)))
+    if device.periphery is not None:
+        kernels = {"/".join(getattr(p, "key", str(p)) for p in path[:-1]): leaf.shape
+                   for path, leaf in jax.tree_util.tree_flatten_with_path(template)[0]}
+        working += 4 * max(layer.out_size // layer.features * math.prod(kernels[layer.name][:-1])
+                           for layer in introspect.analog_layers(model))
     if mode == "map":
         first = introspect.analog_layers(model)[0].out_size
         return int(2 * 4 * first), int(per_chip), int(working)
@@ -289,22 +295,25 @@ def _sample_step(mesh: Mesh, device: devices.Device):
     return _shard(sample, mesh, (P(AXIS), P(), P()), P(AXIS))
 
 
-def _with_reads(chip, keys, first_image, num_images, stream):
-    """The chip batch with the read keys of images ``first_image ..`` if its device needs them."""
-    layer = jax.tree_util.tree_leaves(chip, is_leaf=devices.is_chip_layer)[0]
-    if not layer.device.needs_key:
+def _with_reads(chip, keys, first_image, num_images):
+    """The chip batch with the evaluation read keys of images ``first_image ..`` if its device
+    needs them."""
+    if not devices.chip_device(chip).needs_key:
         return chip
     ids = first_image + jnp.arange(num_images, dtype=jnp.uint32)
-    return devices.with_read_keys(chip, devices.read_keys(keys, ids, stream))
+    return devices.with_read_keys(chip, devices.read_keys(keys, ids, devices.EVAL_READS))
 
 
 @functools.lru_cache(maxsize=32)
 def _tune_step(model, mesh: Mesh, variant: str, batch_size, mode: str):
     """Jitted, chip-sharded self-tuning of a chip batch."""
     def tune(variables, chip, keys, images, stats):
-        chip = _with_reads(chip, keys, jnp.uint32(0), images.shape[0], TUNE_READS)
+        reads = None
+        if devices.chip_device(chip).needs_key:  # chip c's calibration reads (TUNE_READS)
+            ids = jnp.arange(images.shape[0], dtype=jnp.uint32)
+            reads = devices.read_keys(keys, ids, devices.TUNE_READS)
         return selftune.solve_chips(model, variant, batch_size, variables, chip, images,
-                                    stats, mode)
+                                    stats, mode, reads)
 
     return _shard(tune, mesh, (P(), P(AXIS), P(AXIS), P(), P()), P(AXIS))
 
@@ -314,8 +323,7 @@ def _metrics_step(model, mesh: Mesh, mode: str):
     """Jitted, chip-sharded per-chip correct counts and loss sums on one image chunk."""
     def metrics(variables, chip, keys, valid, tune, xs, ys, ms, j):
         x, y, m = (jax.lax.dynamic_index_in_dim(a, j, keepdims=False) for a in (xs, ys, ms))
-        chip = _with_reads(chip, keys, (j * x.shape[0]).astype(jnp.uint32), x.shape[0],
-                           EVAL_READS)
+        chip = _with_reads(chip, keys, (j * x.shape[0]).astype(jnp.uint32), x.shape[0])
         return _metrics(chip_logits(model, variables, chip, x, tune, mode), y, m, valid)
 
     chips, rep = P(AXIS), P()
@@ -613,7 +621,8 @@ def evaluate_loop(model, variables, device: devices.Device, key, num_chips: int,
         chip = devices.at_time(devices.sample_chip(k, device, template), t)
         if device.needs_key:
             ids = first + jnp.arange(x.shape[0], dtype=jnp.uint32)
-            chip = devices.with_read_keys(chip, devices.read_keys(k[None], ids, EVAL_READS)[0])
+            chip = devices.with_read_keys(chip, devices.read_keys(k[None], ids,
+                                                                  devices.EVAL_READS)[0])
         logits = model.apply(with_chip(variables, chip), x)
         return jnp.sum(jnp.argmax(logits, -1) == y)
 
