@@ -462,7 +462,7 @@ def evaluate_chips(model, variables, device: devices.Device, key, num_chips: int
                                                       plan.mode)
     metrics_fn = _metrics_step(model, mesh, plan.mode)
     bar = progress_bar(plan.num_chip_chunks * (plan.num_image_chunks + (tune_fn is not None)),
-                       "chips", progress and is_primary(), unit="chunk")
+                       "chips", progress and is_primary(mesh), unit="chunk")
     correct = np.zeros(plan.num_chip_chunks * plan.chips, np.int64)
     loss = np.zeros(plan.num_chip_chunks * plan.chips, np.float64)
     for c in range(plan.num_chip_chunks):
@@ -521,7 +521,7 @@ def tune_chips(model, variables, device: devices.Device, key, num_chips: int,
     var_r, tmpl_r, calib, stats = replicate((variables, template, calib, stats), mesh)
     sample_fn = _sample_step(mesh, device)
     tune_fn = _tune_step(model, mesh, variant, tune_batch, plan.mode)
-    bar = progress_bar(plan.num_chip_chunks, "tune", progress and is_primary(), unit="chunk")
+    bar = progress_bar(plan.num_chip_chunks, "tune", progress and is_primary(mesh), unit="chunk")
     outs = []
     for c in range(plan.num_chip_chunks):
         keys = shard_rows(devices.chip_keys(key, plan.chips, start=c * plan.chips), mesh)
