@@ -14,6 +14,11 @@ per chunk and any device count. Image chunks are at least ``MIN_IMAGES_PER_CHUNK
 (padded and masked), because XLA's CPU GEMM rounds differently for fewer rows; above that
 the logits are bit-identical too (tested). Correct counts are exact; per-chip losses are
 float32 sums per chunk added in float64, so they agree to float tolerance (~1e-7 relative).
+
+Several processes: in a multi-process run (:mod:`pimjax.distributed`) the default mesh spans
+every device of every process, each process computes its devices' chips, and every process
+gets all per-chip results (the same bits as one process with as many devices in total);
+only process 0 shows progress.
 """
 
 from __future__ import annotations
