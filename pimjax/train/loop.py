@@ -12,7 +12,8 @@ every process (:func:`pimjax.distributed.make_mesh`); each process reads only it
 of each batch. In a multi-process run every process calls :func:`train` with the same
 arguments; orbax checkpoints are written by all of them into the same directory (which
 every process must see), while only process 0 holds the directory's lock (the others share
-it), writes ``config.json``/``metrics.*`` and prints. Resuming needs the same process count.
+it), writes ``config.json``/``metrics.*`` and prints (resuming is tested with the same
+process count).
 
 Everything random is a pure function of the seed: the data order of epoch ``e`` is a
 permutation seeded by ``(seed, e)``, the chip and augmentation of step ``s`` come from
