@@ -22,12 +22,10 @@ from pathlib import Path
 from typing import Annotated
 
 import common
-import jax
 import numpy as np
 
-from pimjax import cli, devices, distributed, files, montecarlo, selftune
+from pimjax import cli, distributed, files, montecarlo, selftune
 from pimjax.configs import quickstart as presets
-from pimjax.introspect import analog_kernels
 
 DATASET = "mnist"  # bundled with pimjax: no data folder, no network
 
@@ -43,13 +41,6 @@ class Args:
     """progress bars (--no-progress: quiet)"""
 
 
-def sign_flipped(key, variability, variables, num_chips: int) -> np.ndarray:
-    """Which of the chips 0..N-1 of ``key`` have a negative between-chip factor in a layer."""
-    shapes = tuple(w.shape for w in jax.tree_util.tree_leaves(analog_kernels(variables)))
-    keys = devices.chip_keys(key, num_chips)
-    return np.asarray(jax.vmap(lambda k: devices.sign_flipped(k, variability, shapes))(keys))
-
-
 def run(args: Args) -> list[dict]:
     """Train both methods, sweep the chips before and after self-tuning; return table rows."""
     q = args.quickstart
@@ -61,12 +52,10 @@ def run(args: Args) -> list[dict]:
         test = common.load_split(DATASET, "test", None, q.test_images)
         calib = common.calibration_images(DATASET, q.calib_images, None)
         key = common.chip_key(q.seed)  # the same chips for every model and variant
-        rows, per_chip, flipped = [], {}, None
+        rows, per_chip = [], {}
         for method in ("qat", "qavat"):
             trained = common.train_or_load(q.train_config(method), out / "runs", progress)
             model, variables = trained.model, trained.variables
-            if flipped is None:  # the chips depend on the key and the layer shapes only
-                flipped = sign_flipped(key, q.device.variability, variables, q.chips)
             stats = selftune.nominal_stats(model, variables, calib)
             tuning = selftune.SelfTune(q.tune, calib, stats)
             for tuned in (False, True):
@@ -75,13 +64,10 @@ def run(args: Args) -> list[dict]:
                                                 progress=progress)
                 s = res.summary()
                 per_chip[f"{method} {'+ ' + q.tune if tuned else '(untuned)'}"] = res.accuracy
-                kept = np.asarray(res.accuracy)[~flipped]
                 rows.append({
                     "method": method, "self_tune": q.tune if tuned else "none",
                     "nominal": s["nominal"], "mean": s["mean"], "p5": s["p5"], "min": s["min"],
                     "std": s["std"], "drop_mean": s["drop_mean"], "chips": s["chips"],
-                    "sign_flipped_chips": int(flipped.sum()),
-                    "min_unflipped": float(kept.min()) if kept.size else float("nan"),
                     "test_images": res.num_images,
                     "train_images": trained.summary.get("train_images"),
                     "calib_cost": str(res.tune_cost) if res.tune_cost else "",
@@ -122,7 +108,7 @@ def format_table(rows) -> str:
 
 
 def report(q: presets.Quickstart, rows, out: Path, seconds: float) -> None:
-    """Print the table, the self-tuning cost, the sign-flipped chips and the files written."""
+    """Print the table, the self-tuning cost and the files written."""
     print()
     print(f"LeNet-5 {q.quant} on MNIST ({rows[0]['test_images']} test images), {q.chips} chips: "
           f"sigma_within {q.sigma_within}, sigma_between {q.sigma_between} "
@@ -130,13 +116,6 @@ def report(q: presets.Quickstart, rows, out: Path, seconds: float) -> None:
     print(format_table(rows))
     cost = next((r["calib_cost"] for r in rows if r["calib_cost"]), "")
     print(f"self-tuning cost per chip: {cost}")
-    flips = rows[0]["sign_flipped_chips"]
-    if flips:
-        worst = ", ".join(f"{r['method']} {r['self_tune']} {100 * r['min_unflipped']:.2f}"
-                          for r in rows)
-        print(f"{flips} of {q.chips} chips have a layer whose between-chip factor is negative "
-              f"(a sign flip of the normal model that no positive gain undoes); the worst "
-              f"other chip (%): {worst}")
     print(f"wrote {out}/results.json, results.csv, quickstart.png ({seconds:.0f} s)")
 
 

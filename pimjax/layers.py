@@ -37,6 +37,7 @@ from pimjax.quant import (
     lsq_init_scale,
     pact_quantize,
     quantize_activations,
+    quantize_affine,
     quantize_weights,
     scale_grad,
     weight_levels,
@@ -50,7 +51,15 @@ PACT_INIT_CLIP = 6.0  # PACT alpha / LSQ clip at initialisation (ReLU-6 range)
 
 
 class ActQuant(nn.Module):
-    """Input-activation quantizer: running-max (EMA) clip, PACT or LSQ."""
+    """Input-activation quantizer: running-range (EMA) clip, PACT or LSQ.
+
+    ``ema`` (the paper's): unsigned inputs (after a ReLU) use ``2^b`` levels over
+    ``[0, running max]``; a signed input (a network's first layer, e.g. standardized pixels,
+    which MNIST puts in [-0.42, 2.82]) uses ``2^b`` levels over ``[running min, running max]``,
+    so every level is used (a symmetric range would leave 6 of 15 4-bit levels empty on
+    MNIST); its offset is a constant the digital periphery adds, as a bias is. ``pact`` and
+    ``lsq`` learn a symmetric clip for signed inputs.
+    """
 
     bits: int | None
     clip: str = "ema"
@@ -63,20 +72,11 @@ class ActQuant(nn.Module):
             return x
         levels = act_levels(self.bits, self.signed)
         if self.clip == "ema":
-            running = self.variable("batch_stats", "act_max", lambda: jnp.zeros((), jnp.float32))
-            batch_max = jax.lax.stop_gradient(jnp.max(jnp.abs(x) if self.signed else x))
-            batch_max = jnp.maximum(batch_max, 1e-8)
-            if train:
-                clip = jnp.where(
-                    running.value > 0,
-                    self.momentum * running.value + (1 - self.momentum) * batch_max,
-                    batch_max,
-                )
-                if not self.is_initializing():
-                    running.value = clip
-            else:  # a never-trained model falls back to this batch's max
-                clip = jnp.where(running.value > 0, running.value, batch_max)
-            return quantize_activations(x, self.bits, clip, self.signed)
+            hi = self._running("act_max", jnp.max, x, train)
+            if not self.signed:  # an all-zero batch must not make the step zero
+                return quantize_activations(x, self.bits, jnp.maximum(hi, 1e-8))
+            lo = self._running("act_min", jnp.min, x, train)
+            return quantize_affine(x, self.bits, lo, hi)
         if self.clip == "pact":
             alpha = self.param("pact_alpha", nn.initializers.constant(PACT_INIT_CLIP), ())
             return pact_quantize(x, self.bits, alpha, self.signed)
@@ -85,6 +85,20 @@ class ActQuant(nn.Module):
             step = scale_grad(step, 1.0 / jnp.sqrt(x.size * levels))
             return quantize_activations(x, self.bits, step * levels, self.signed)
         raise ValueError(f"act_clip={self.clip!r} is unknown: use 'ema', 'pact' or 'lsq'")
+
+    def _running(self, name: str, reduce, x, train: bool):
+        """An EMA of ``reduce(x)`` over training batches; at inference the stored value (a
+        never-trained quantizer, whose value is 0, falls back to this batch's)."""
+        running = self.variable("batch_stats", name, lambda: jnp.zeros((), jnp.float32))
+        batch = lambda: jax.lax.stop_gradient(reduce(x)).astype(jnp.float32)  # noqa: E731
+        if not train:  # lax.cond: no pass over x when the stored value is set
+            return jax.lax.cond(running.value != 0, lambda: running.value, batch)
+        b = batch()
+        value = jnp.where(running.value != 0,
+                          self.momentum * running.value + (1 - self.momentum) * b, b)
+        if not self.is_initializing():
+            running.value = value
+        return value
 
 
 class _Analog(nn.Module):

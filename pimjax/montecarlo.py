@@ -266,11 +266,17 @@ def chip_logits(model, variables, chip, x, tune=None, mode: str | None = None):
     return jax.lax.map(one, (chip, tune, y_first))
 
 
-def _metrics(logits, labels, mask):
+def _metrics(logits, labels, mask, chip_mask=None):
+    """Per-chip correct counts and loss sums ``[C]``; with ``chip_mask`` also the number of
+    (unmasked) chips that got each image right, ``[1, B]``."""
     logp = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(logp, labels[None, :, None], axis=-1)[..., 0]
     correct = (jnp.argmax(logits, axis=-1) == labels) & (mask > 0)
-    return jnp.sum(correct, axis=-1, dtype=jnp.int32), jnp.sum(nll * mask, axis=-1)
+    out = (jnp.sum(correct, axis=-1, dtype=jnp.int32), jnp.sum(nll * mask, axis=-1))
+    if chip_mask is None:
+        return out
+    per_image = jnp.sum(correct & chip_mask[:, None], axis=0, dtype=jnp.int32)
+    return (*out, per_image[None])
 
 
 def _shard(fn, mesh, in_specs, out_specs):
@@ -311,14 +317,15 @@ def _tune_step(model, mesh: Mesh, variant: str, batch_size, mode: str):
 @functools.lru_cache(maxsize=32)
 def _metrics_step(model, mesh: Mesh, mode: str):
     """Jitted, chip-sharded per-chip correct counts and loss sums on one image chunk."""
-    def metrics(variables, chip, keys, tune, xs, ys, ms, j):
+    def metrics(variables, chip, keys, valid, tune, xs, ys, ms, j):
         x, y, m = (jax.lax.dynamic_index_in_dim(a, j, keepdims=False) for a in (xs, ys, ms))
         chip = _with_reads(chip, keys, (j * x.shape[0]).astype(jnp.uint32), x.shape[0],
                            EVAL_READS)
-        return _metrics(chip_logits(model, variables, chip, x, tune, mode), y, m)
+        return _metrics(chip_logits(model, variables, chip, x, tune, mode), y, m, valid)
 
     chips, rep = P(AXIS), P()
-    return _shard(metrics, mesh, (rep, chips, chips, chips, rep, rep, rep, rep), (chips, chips))
+    return _shard(metrics, mesh, (rep, chips, chips, chips, chips, rep, rep, rep, rep),
+                  (chips, chips, chips))
 
 
 @functools.lru_cache(maxsize=32)
@@ -347,16 +354,59 @@ class ChipResults:
     plan: ChunkPlan
     tune_cost: selftune.TuneCost | None
     seconds: float
+    image_accuracy: np.ndarray | None = None  # [M]: the share of chips right on each image
+    nominal_tuned_accuracy: float | None = None  # the nominal model after the same tuning
 
     @property
     def chip_images_per_second(self) -> float:
         """Throughput of the sweep (chip-images evaluated per second, compile included)."""
         return len(self.accuracy) * self.num_images / max(self.seconds, 1e-9)
 
+    @property
+    def standard_error(self) -> float:
+        """Standard error of the mean accuracy as an estimate over chips *and* test images.
+
+        ``sqrt(Var_chips(acc) / N + Var_images(p) / M)``, the variance of a two-way (chips x
+        images) sample mean, where ``p`` is each image's share of chips that got it right.
+        """
+        return paired_standard_error(self.accuracy, self.image_accuracy)
+
     def summary(self, thresholds=(), drops=(0.01, 0.05)) -> dict:
-        """See :func:`summarize`."""
-        return summarize(self.accuracy, self.nominal_accuracy, thresholds, drops,
-                         loss=self.loss, nominal_loss=self.nominal_loss)
+        """See :func:`summarize`; adds ``se`` and the drop against the tuned nominal model."""
+        out = summarize(self.accuracy, self.nominal_accuracy, thresholds, drops,
+                        loss=self.loss, nominal_loss=self.nominal_loss)
+        if self.image_accuracy is not None:
+            out["se"] = self.standard_error
+        if self.nominal_tuned_accuracy is not None:
+            out["nominal_tuned"] = float(self.nominal_tuned_accuracy)
+            out["drop_mean_tuned"] = float(self.nominal_tuned_accuracy - out["mean"])
+        return out
+
+
+def paired_standard_error(chip_values, image_values=None) -> float:
+    """``sqrt(Var(chip_values) / N + Var(image_values) / M)`` (sample variances).
+
+    The standard error of a mean over N chips x M images; for the difference of two sweeps
+    on the same chips and images pass the per-chip and per-image differences.
+    """
+    c = np.asarray(chip_values, np.float64)
+    var = c.var(ddof=1) / c.size if c.size > 1 else 0.0
+    if image_values is not None:
+        m = np.asarray(image_values, np.float64)
+        var += m.var(ddof=1) / m.size if m.size > 1 else 0.0
+    return float(np.sqrt(var))
+
+
+def difference(a: ChipResults, b: ChipResults) -> tuple[float, float]:
+    """Mean accuracy of ``a`` minus ``b`` and its standard error, for two sweeps of the same
+    chips (key) and test images (e.g. two models, or a model before and after tuning)."""
+    if a.accuracy.shape != b.accuracy.shape or a.num_images != b.num_images:
+        raise ValueError("difference needs two sweeps of the same chips and images")
+    img = None
+    if a.image_accuracy is not None and b.image_accuracy is not None:
+        img = a.image_accuracy - b.image_accuracy
+    d = np.asarray(a.accuracy) - np.asarray(b.accuracy)
+    return float(d.mean()), paired_standard_error(d, img)
 
 
 def summarize(accuracy, nominal_accuracy=None, thresholds=(), drops=(0.01, 0.05), loss=None,
@@ -470,8 +520,10 @@ def evaluate_chips(model, variables, device: devices.Device, key, num_chips: int
                        "chips", progress and is_primary(mesh), unit="chunk")
     correct = np.zeros(plan.num_chip_chunks * plan.chips, np.int64)
     loss = np.zeros(plan.num_chip_chunks * plan.chips, np.float64)
+    per_image = np.zeros(plan.num_image_chunks * plan.images, np.int64)
     for c in range(plan.num_chip_chunks):
         keys = shard_rows(devices.chip_keys(key, plan.chips, start=c * plan.chips), mesh)
+        valid = shard_rows(c * plan.chips + np.arange(plan.chips) < num_chips, mesh)
         chip = sample_fn(keys, tmpl_r, np.float32(t))
         tune = None
         if tune_fn is not None:
@@ -479,27 +531,41 @@ def evaluate_chips(model, variables, device: devices.Device, key, num_chips: int
             bar.update(1)
         parts = []
         for j in range(plan.num_image_chunks):
-            parts.append(metrics_fn(var_r, chip, keys, tune, xs_r, ys_r, ms_r, np.int32(j)))
+            parts.append(metrics_fn(var_r, chip, keys, valid, tune, xs_r, ys_r, ms_r,
+                                    np.int32(j)))
             bar.update(1)
         sl = slice(c * plan.chips, (c + 1) * plan.chips)
-        for cc, ll in to_host(parts):
+        for j, (cc, ll, pi) in enumerate(to_host(parts)):
             correct[sl] += cc
             loss[sl] += np.asarray(ll, np.float64)
+            per_image[j * plan.images:(j + 1) * plan.images] += pi.sum(axis=0)
     bar.close()
     seconds = time.perf_counter() - start
     n = images.shape[0]
-    nominal_acc = nominal_loss = None
+    nominal_acc = nominal_loss = nominal_tuned = None
     if nominal:
-        fn = _nominal_fn(model)
-        tot_c, tot_l = 0, 0.0
-        for j in range(plan.num_image_chunks):
-            cc, ll = fn(variables, xs[j], ys[j], ms[j])
-            tot_c += int(cc)
-            tot_l += float(ll)
-        nominal_acc, nominal_loss = tot_c / n, tot_l / n
+        nominal_acc, nominal_loss = _nominal_metrics(model, variables, xs, ys, ms, n)
+        if tuning is not None:  # the same tuning solved on the ideal chip
+            ideal = devices.sample_chip(key, devices.ideal(), template)
+            tuned = selftune.self_tune(model, variables, ideal, calib, variant, stats,
+                                       tune_batch, mode="layers").tune
+            nominal_tuned = _nominal_metrics(model, with_tune(variables, tuned), xs, ys, ms,
+                                             n)[0]
     cost = tuning.cost(model) if tuning is not None else None
     return ChipResults(correct[:num_chips] / n, loss[:num_chips] / n, n, nominal_acc,
-                       nominal_loss, device, plan, cost, seconds)
+                       nominal_loss, device, plan, cost, seconds, per_image[:n] / num_chips,
+                       nominal_tuned)
+
+
+def _nominal_metrics(model, variables, xs, ys, ms, n):
+    """Accuracy and mean loss of the nominal model (no chip) on the chunked images."""
+    fn = _nominal_fn(model)
+    tot_c, tot_l = 0, 0.0
+    for j in range(xs.shape[0]):
+        cc, ll = fn(variables, xs[j], ys[j], ms[j])
+        tot_c += int(cc)
+        tot_l += float(ll)
+    return tot_c / n, tot_l / n
 
 
 def tune_chips(model, variables, device: devices.Device, key, num_chips: int,

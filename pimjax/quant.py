@@ -247,6 +247,20 @@ def quantize_activations(x, bits: int | None, clip, signed: bool = False):
     return step * round_ste(jnp.clip(x / step, lo, levels))
 
 
+def quantize_affine(x, bits: int | None, lo, hi):
+    """Uniform quantizer over ``[lo, hi]`` with ``2^b`` levels ``lo + k (hi - lo) / (2^b - 1)``.
+
+    For a signed input with an asymmetric range; STE gradient inside the range, zero outside.
+    ``bits=None`` returns ``x`` unchanged.
+    """
+    if bits is None:
+        return x
+    check_bits(bits, "act_bits")
+    levels = 2**bits - 1
+    step = jnp.maximum(hi - lo, 1e-8) / levels
+    return lo + step * round_ste(jnp.clip((x - lo) / step, 0, levels))
+
+
 def pact_quantize(x, bits: int | None, alpha, signed: bool = False):
     """PACT: clip to a learned ``alpha`` (gradient 1 where x >= alpha), then quantize."""
     lo = -alpha if signed else 0.0

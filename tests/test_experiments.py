@@ -407,7 +407,7 @@ def test_quickstart_smoke(tmp_path, capsys):
         ("qat", "none"), ("qat", "channel"), ("qavat", "none"), ("qavat", "channel")]
     for r in rows:
         assert r["chips"] == 4 and 0 <= r["min"] <= r["p5"] <= r["mean"] <= 1
-        assert 0 <= r["sign_flipped_chips"] <= 4 and r["test_images"] == 64
+        assert r["test_images"] == 64
     assert rows[0]["nominal"] == rows[1]["nominal"]  # the same model, untuned and tuned
     assert (tmp_path / "results.csv").exists() and (tmp_path / "quickstart.png").exists()
     out = capsys.readouterr().out

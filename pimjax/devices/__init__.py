@@ -28,7 +28,6 @@ from pimjax.devices.variability import (
     GRANULARITIES,
     VariabilityModel,
     between_factors,
-    sign_flipped,
 )
 
 __all__ = [
@@ -36,5 +35,5 @@ __all__ = [
     "GlobalDriftCompensation", "Periphery", "StuckAt", "VariabilityModel", "at_time",
     "between_factors", "chip_keys", "fold_keys", "from_variability", "ideal", "is_chip_layer",
     "num_chips", "paper", "part_key", "pcm", "read_keys", "sample_chip", "sample_chips",
-    "sign_flipped", "with_read_keys",
+    "with_read_keys",
 ]

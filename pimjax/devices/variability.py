@@ -4,8 +4,13 @@ One device part (:mod:`pimjax.devices`): a chip's state for each analog layer is
 factor array of that layer, applied to the *quantized* weight, ``w_hat = q(w) * factor``.
 Within- and between-chip factors multiply:
 
-* ``normal``:    factor = (1 + eps_w)(1 + eps_b), eps ~ N(0, sigma^2). Its variance
-  is s_w^2 + s_b^2 + s_w^2 s_b^2, i.e. about s_w^2 + s_b^2.
+* ``normal``:    factor = (1 + eps_w)(1 + eps_b), eps ~ N(0, sigma^2), the paper's within-chip
+  model. The between-chip factor is a gain of a whole chip, layer or column (a reference,
+  a read voltage, a converter's gain), which cannot be negative: a differential pair cannot
+  flip the sign of its layer, and no positive self-tuning gain could undo it. So eps_b is
+  truncated to eps_b > -1 (a normal conditioned on a positive gain); at s_b = 0.3 that
+  removes 0.04% of the mass and moves the mean by 0.0005. The variance is about
+  s_w^2 + s_b^2 (exactly :meth:`VariabilityModel.factor_variance`).
 * ``lognormal``: factor = exp(theta_w + theta_b), theta ~ N(0, sigma^2): sign
   preserving, median one, mean exp((s_w^2 + s_b^2) / 2).
 
@@ -81,16 +86,17 @@ class VariabilityModel:
 
     def factor_variance(self) -> float:
         """Exact variance of one weight's factor under this model."""
-        vw, vb = self.sigma_within**2, self.sigma_between**2
+        vw = self.sigma_within**2
         if self.distribution == "normal":
-            return (1 + vw) * (1 + vb) - 1
-        v = vw + vb
+            mb, vb = _truncated_between_moments(self.sigma_between)
+            return (1 + vw) * (vb + mb**2) - mb**2
+        v = vw + self.sigma_between**2
         return (math.exp(v) - 1) * math.exp(v)
 
     def factor_mean(self) -> float:
         """Exact mean of one weight's factor under this model."""
         if self.distribution == "normal":
-            return 1.0
+            return _truncated_between_moments(self.sigma_between)[0]
         return math.exp((self.sigma_within**2 + self.sigma_between**2) / 2)
 
 
@@ -128,9 +134,32 @@ def _as_float(value, field: str) -> float:
 
 
 def _draw(key, shape, sigma, distribution):
-    """One component's factor: 1 + sigma*z (normal) or exp(sigma*z) (lognormal)."""
+    """A within-chip factor: 1 + sigma*z (normal) or exp(sigma*z) (lognormal)."""
     z = jax.random.normal(key, shape, jnp.float32)
     return 1.0 + sigma * z if distribution == "normal" else jnp.exp(sigma * z)
+
+
+def _draw_between(key, shape, sigma, distribution):
+    """A between-chip gain: 1 + sigma*z with z truncated to z > -1/sigma (normal), so that
+    the gain stays positive, or exp(sigma*z) (lognormal)."""
+    if distribution != "normal":
+        return _draw(key, shape, sigma, distribution)
+    z = jax.random.truncated_normal(key, -1.0 / sigma, jnp.inf, shape, jnp.float32)
+    return 1.0 + sigma * z
+
+
+def _truncated_between_moments(sigma: float) -> tuple[float, float]:
+    """Mean and variance of the normal model's between-chip gain 1 + sigma*z, z > -1/sigma.
+
+    For a standard normal truncated below at a: E z = lam, Var z = 1 + a lam - lam^2 with
+    lam = phi(a) / (1 - Phi(a)) (the inverse Mills ratio).
+    """
+    if sigma == 0:
+        return 1.0, 0.0
+    a = -1.0 / sigma
+    phi = math.exp(-a * a / 2) / math.sqrt(2 * math.pi)
+    lam = phi / (0.5 * math.erfc(a / math.sqrt(2)))
+    return 1.0 + sigma * lam, sigma**2 * (1 + a * lam - lam**2)
 
 
 def between_factors(key, variability: VariabilityModel, template):
@@ -143,7 +172,7 @@ def between_factors(key, variability: VariabilityModel, template):
     k_between = jax.random.fold_in(key, _BETWEEN)
     sigma, dist, gran = (variability.sigma_between, variability.distribution,
                          variability.between_granularity)
-    chip_factor = _draw(k_between, (), sigma, dist)
+    chip_factor = _draw_between(k_between, (), sigma, dist) if sigma else None
     leaves, treedef = jax.tree_util.tree_flatten(template)
     out = []
     for i, leaf in enumerate(leaves):
@@ -154,15 +183,6 @@ def between_factors(key, variability: VariabilityModel, template):
             out.append(chip_factor)
         else:  # "layer": one factor; "column": one per output column (the last axis)
             col_shape = () if gran == "layer" else (1,) * (len(shape) - 1) + shape[-1:]
-            out.append(_draw(jax.random.fold_in(k_between, i + 1), col_shape, sigma, dist))
+            out.append(_draw_between(jax.random.fold_in(k_between, i + 1), col_shape, sigma,
+                                     dist))
     return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def sign_flipped(key, variability: VariabilityModel, template):
-    """Whether the chip drawn from ``key`` has a negative between-chip factor somewhere.
-
-    A negative factor flips the sign of a whole layer (or column); only the ``normal``
-    distribution can draw one. vmap it over :func:`pimjax.devices.chip_keys` for many chips.
-    """
-    factors = jax.tree_util.tree_leaves(between_factors(key, variability, template))
-    return jnp.any(jnp.stack([jnp.any(b < 0) for b in factors]))
