@@ -510,8 +510,7 @@ def evaluate_chips(model, variables, device: devices.Device, key, num_chips: int
     xs, ys, ms = _prepare_images(images, labels, plan.images)
     template = analog_kernels(variables)
     var_r, tmpl_r, xs_r, ys_r, ms_r = replicate((variables, template, xs, ys, ms), mesh)
-    if calib is not None:
-        calib, stats = replicate((calib, stats), mesh)
+    calib_r, stats_r = replicate((calib, stats), mesh) if calib is not None else (None, None)
     sample_fn = _sample_step(mesh, device)
     tune_fn = None if variant is None else _tune_step(model, mesh, variant, tune_batch,
                                                       plan.mode)
@@ -527,7 +526,7 @@ def evaluate_chips(model, variables, device: devices.Device, key, num_chips: int
         chip = sample_fn(keys, tmpl_r, np.float32(t))
         tune = None
         if tune_fn is not None:
-            tune = tune_fn(var_r, chip, keys, calib, stats)
+            tune = tune_fn(var_r, chip, keys, calib_r, stats_r)
             bar.update(1)
         parts = []
         for j in range(plan.num_image_chunks):
@@ -545,7 +544,7 @@ def evaluate_chips(model, variables, device: devices.Device, key, num_chips: int
     nominal_acc = nominal_loss = nominal_tuned = None
     if nominal:
         nominal_acc, nominal_loss = _nominal_metrics(model, variables, xs, ys, ms, n)
-        if tuning is not None:  # the same tuning solved on the ideal chip
+        if tuning is not None:  # the same tuning solved on the ideal chip, in each process
             ideal = devices.sample_chip(key, devices.ideal(), template)
             tuned = selftune.self_tune(model, variables, ideal, calib, variant, stats,
                                        tune_batch, mode="layers").tune

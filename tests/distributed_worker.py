@@ -112,8 +112,9 @@ def mc_results(model, variables, test, device, tuning) -> dict:
                                     tuning=tuning, chips_per_chunk=MC_CHUNK, progress=False)
     tuned = montecarlo.tune_chips(model, variables, device, key, MC_CHIPS, tuning,
                                   chips_per_chunk=MC_CHUNK)
-    out = {"accuracy": res.accuracy, "loss": res.loss,
-           "nominal": np.array([res.nominal_accuracy, res.nominal_loss])}
+    out = {"accuracy": res.accuracy, "loss": res.loss, "image_accuracy": res.image_accuracy,
+           "nominal": np.array([res.nominal_accuracy, res.nominal_loss,
+                                res.nominal_tuned_accuracy])}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tuned.tune)[0]:
         out["tune" + jax.tree_util.keystr(path)] = np.asarray(leaf)
     return out
