@@ -85,9 +85,12 @@ class Processes:
                              ">= 1 (seconds)")
 
     def initialize(self) -> None:
-        """Join the run (:func:`pimjax.distributed.initialize`); one process: nothing."""
+        """Join the run and open its connections (:func:`pimjax.distributed.initialize`,
+        :func:`pimjax.distributed.connect`); one process: nothing."""
         distributed.initialize(self.coordinator, self.num_processes, self.process_id,
                                heartbeat_timeout=self.heartbeat_timeout)
+        if jax_distributed():
+            distributed.connect()
 
 
 @dataclasses.dataclass(frozen=True)

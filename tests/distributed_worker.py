@@ -7,7 +7,8 @@
   one data-parallel SGD step of a linear model (each process feeds its own rows), and an
   orbax checkpoint of a sharded pytree saved and restored by all processes; every process
   writes what it gathered to ``DIR/p<I>.npz``.
-* ``sum``: the global sum of (a) only, to check how the processes found each other.
+* ``sum``: the global sum of (a) only, to check how the processes found each other;
+  ``--late S``: process 1 starts it S seconds after process 0 (after ``connect``).
 * ``montecarlo``: ``montecarlo.evaluate_chips`` (self-tuned) and ``tune_chips`` of
   :func:`mc_inputs`'s model, chips split over every device of every process; every process
   writes the per-chip results it gathered.
@@ -179,12 +180,14 @@ def train_run_results(config, workdir: Path) -> dict:
     return out
 
 
-def global_sum(out: Path) -> None:
+def global_sum(out: Path, late: float = 0.0) -> None:
     import jax
     import numpy as np
 
     mesh = distributed.make_mesh(AXIS)
     d = data(mesh.size)
+    if jax.process_index() == 1:
+        time.sleep(late)
     total = jax.jit(lambda a: a.sum())(distributed.shard_rows(d["rows"], mesh))
     np.savez(out / f"p{jax.process_index()}.npz", process_count=np.int32(jax.process_count()),
              mesh_size=np.int32(mesh.size), sum=distributed.to_host(total))
@@ -338,27 +341,29 @@ def main() -> None:
     parser.add_argument("--victim", type=int, default=1)
     parser.add_argument("--fail", choices=("KILL", "STOP", "RAISE"), default="KILL")
     parser.add_argument("--exit-on-error", action="store_true")
+    parser.add_argument("--late", type=float, default=0.0)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    if args.scenario in ("montecarlo", "train_step", "train"):
+        runtime.configure(compile_cache=test_cache())
     distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                            heartbeat_timeout=args.heartbeat_timeout,
                            initialization_timeout=args.initialization_timeout,
                            shutdown_timeout=args.shutdown_timeout)
+    if args.scenario != "die":  # (die: its first collective is the one it watches)
+        distributed.connect()
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
     try:
         if args.scenario == "compute":
             compute(args.out)
         elif args.scenario == "sum":
-            global_sum(args.out)
+            global_sum(args.out, args.late)
         elif args.scenario == "montecarlo":
-            runtime.configure(compile_cache=test_cache())
             save(args.out, mc_results(*mc_inputs()))
         elif args.scenario == "train_step":
-            runtime.configure(compile_cache=test_cache())
             save(args.out, train_step_results(train_config()))
         elif args.scenario == "train":
-            runtime.configure(compile_cache=test_cache())
             save(args.out, train_run_results(train_config(), args.out / "run"))
         else:
             die(args.victim, args.fail)

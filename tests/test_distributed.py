@@ -29,18 +29,21 @@ from pimjax import distributed, files
 
 LOCAL_DEVICES = 2  # per worker process: a global mesh of 4 devices over 2 processes
 HANG_S = 180  # hard limit of one launch (a normal one takes 5 to 20 s)
+# ... of a launch that compiles a model (Monte-Carlo, training): 20 to 60 s of CPU time per
+# process, which took up to 180 s of wall-clock time on the 2 shared cores of a loaded machine
+COMPILE_HANG_S = 600
 # What the other process prints when a peer died: JAX's coordination service aborting it,
 # or a collective failing at once (which ends the worker when it runs with --exit-on-error)
 PEER_DIED = re.compile(r"JAX distributed service detected fatal errors|Gloo \S+ failed")
 
 
 def launch(scenario: str, out: Path, *extra: str, slurm: bool = False,
-           script: str | None = None) -> list:
+           script: str | None = None, hang_s: float = HANG_S) -> list:
     """Run the worker (or ``script``) in two processes: ``[(returncode, output), ...]``; a
     hang fails."""
     procs = worker.start(scenario, out, *extra, local_devices=LOCAL_DEVICES, slurm=slurm,
                          script=script)
-    return finish(procs, out, script or scenario)
+    return finish(procs, out, script or scenario, hang_s)
 
 
 def finish(procs, out: Path, what: str, hang_s: float = HANG_S) -> list:
@@ -153,6 +156,15 @@ def test_slurm_variables_start_the_run_without_flags(tmp_path):
         assert float(r["sum"]) == worker.data(int(r["mesh_size"]))["rows"].astype(float).sum()
 
 
+@pytest.mark.slow
+def test_first_collective_reached_40_s_apart_after_connect(tmp_path):
+    """Without distributed.connect(), gloo's first collective fails when the processes reach
+    it more than 30 s apart (jax 0.10.2); connect() opens the connections at the start."""
+    runs = launch("sum", tmp_path, "--late", "40")
+    for i, (rc, text) in enumerate(runs):
+        assert rc == 0, f"process {i} failed (exit {rc}):\n{text[-3000:]}"
+
+
 @pytest.mark.parametrize("victim", [1, 0], ids=["worker-killed", "coordinator-killed"])
 def test_killed_process_stops_the_other(tmp_path, victim):
     runs = launch("die", tmp_path, "--victim", str(victim), "--heartbeat-timeout", "5")
@@ -172,7 +184,7 @@ def test_exception_ended_by_exit_now_stops_the_other(tmp_path):
 
 
 def test_montecarlo_chips_split_over_two_processes_are_bit_identical(tmp_path):
-    runs = launch("montecarlo", tmp_path)
+    runs = launch("montecarlo", tmp_path, hang_s=COMPILE_HANG_S)
     want = worker.mc_results(*worker.mc_inputs())  # one process, the same 4 devices
     assert int(jax.device_count()) == 2 * LOCAL_DEVICES
     for r in results(tmp_path, runs):
@@ -192,13 +204,13 @@ def _close(got: list[dict], want: dict) -> None:
 
 
 def test_train_step_over_two_processes_matches_one_process(tmp_path):
-    runs = launch("train_step", tmp_path)
+    runs = launch("train_step", tmp_path, hang_s=COMPILE_HANG_S)
     _close(results(tmp_path, runs), worker.train_step_results(worker.train_config()))
 
 
 @pytest.mark.slow
 def test_training_run_over_two_processes_resumed_matches_one_process(tmp_path):
-    runs = launch("train", tmp_path)
+    runs = launch("train", tmp_path, hang_s=COMPILE_HANG_S)
     want = worker.train_run_results(worker.train_config(), tmp_path / "one-process")
     got = results(tmp_path, runs)
     _close(got, want)
@@ -217,7 +229,7 @@ def test_killed_process_stops_a_training_script(tmp_path):
     procs = worker.start("", tmp_path, "--smoke", "--out", str(run), "--optim.epochs", "100",
                          "--no-progress", "--heartbeat-timeout", "5",
                          local_devices=LOCAL_DEVICES, script="experiments/train.py")
-    deadline = time.monotonic() + HANG_S
+    deadline = time.monotonic() + COMPILE_HANG_S
     while not (run / "metrics.json").exists():
         if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
             break

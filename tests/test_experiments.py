@@ -349,7 +349,7 @@ def test_claim1_shards_and_merge_equal_the_unsharded_table(runs, tmp_path):
     shards = [subprocess.Popen([*cmd, "--shard", f"{i}/2"], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
     try:  # two jobs at once: cells 0, 2, 4 and 1, 3, 5 (a training and two evaluations each)
-        logs = [p.communicate(timeout=300)[0] for p in shards]
+        logs = [p.communicate(timeout=600)[0] for p in shards]  # a hang fails
     finally:
         for p in shards:
             p.kill()
