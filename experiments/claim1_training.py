@@ -7,11 +7,18 @@ at every evaluation sigma on --chips chips (the same chips for every model); the
 take each method at its matched cell (ptq/qavat trained at the evaluated sigma). Finished
 runs and evaluations are reused, so an interrupted sweep continues.
 
+The trainings and evaluations are independent cells (experiments/grid.py): --shard I/N
+computes every N-th of them (e.g. one job of a SLURM array each), and the shard that
+finishes last, or a later --merge, writes the tables; a multi-process run
+(--coordinator/--num-processes/--process-id) shares them between its processes.
+
     python experiments/claim1_training.py --smoke                   # seconds (tests)
     python experiments/claim1_training.py                           # LeNet-5/MNIST, CPU-sized
     python experiments/claim1_training.py --dataset fashion_mnist   # LeNet-5/Fashion-MNIST
     python experiments/claim1_training.py --setup vgg11-narrow      # CIFAR-10
     python experiments/claim1_training.py --setup vgg11             # the paper's sizes (GPU)
+    python experiments/claim1_training.py --shard 0/2 & python experiments/claim1_training.py \\
+        --shard 1/2; wait                                           # two jobs, tables merged
 
 Writes claim1.json/.csv (every model x eval sigma), claim1_tables.txt and claim1.png into
 --out, and one JSON per evaluation into <out>/evals/.
@@ -20,14 +27,15 @@ Writes claim1.json/.csv (every model x eval sigma), claim1_tables.txt and claim1
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 import time
 from pathlib import Path
 from typing import Annotated
 
 import common
+import grid
 
-from pimjax import cli, files
+from pimjax import cli, distributed, files
 from pimjax.configs import claims, setups
 from pimjax.devices import VariabilityModel
 
@@ -75,15 +83,6 @@ def _ptq_config(c, quant, sigma, calib_batches):
                                              calib_batches=calib_batches)
 
 
-def _materialize(run: Planned, runs_dir: Path, progress: bool) -> common.Run:
-    """Train (or reuse) a planned run (for ptq, its float source first)."""
-    config = run.config
-    if run.method == "ptq":
-        source = common.train_or_load(run.source, runs_dir, progress)
-        config = config(source.workdir)
-    return common.train_or_load(config, runs_dir, progress)
-
-
 def evaluations(c: claims.Claim1, run: Planned):
     """The (eval sigma, chips) this run is evaluated at (sigma 0: the nominal model once)."""
     for s in c.evaluated_sigmas:
@@ -109,35 +108,71 @@ def plan_text(c: claims.Claim1) -> str:
                               chip_images))
 
 
-def evaluate_grid(c: claims.Claim1, out: Path, runs_dir: Path, progress: bool = True
-                  ) -> list[dict]:
-    """Train every planned model and evaluate it at the evaluation sigmas; return rows."""
-    test = common.load_split(c.dataset_name, "test", c.data_dir, c.test_images)
+def source_dir(run: Planned, runs_dir: Path) -> Path:
+    """The run folder of a ptq run's float source."""
+    return Path(runs_dir) / common.run_name(run.source)
+
+
+def run_config(run: Planned, runs_dir: Path):
+    """A planned run's TrainConfig (ptq: pointing at its float source's folder)."""
+    return run.config(source_dir(run, runs_dir)) if run.method == "ptq" else run.config
+
+
+def plan_cells(c: claims.Claim1, out: Path, runs_dir: Path, progress: bool = True
+               ) -> list[grid.Cell]:
+    """The grid's cells: every training (shared ones once, float sources before their ptq
+    runs), then every (model, evaluation sigma) in table order."""
+    plan = plan_runs(c)
+    n_test = common.dataset_size(c, "test")
     key = common.chip_key(c.seed)  # the same chips for every model
-    cache = out / "evals"
-    rows = []
-    for run in plan_runs(c):
-        trained = _materialize(run, runs_dir, progress)
+
+    @functools.cache
+    def test():
+        return common.load_split(c.dataset_name, "test", c.data_dir, c.test_images)
+
+    @functools.cache
+    def trained(name: str) -> common.Run:
+        run = next(r for r in plan if common.run_name(run_config(r, runs_dir)) == name)
+        if run.method == "ptq":  # its float source first (trained, or waited for)
+            common.ensure_trained(run.source, runs_dir, progress)
+        return common.train_or_load(run_config(run, runs_dir), runs_dir, progress)
+
+    def evaluate(run: Planned, name: str, s: float, chips: int) -> dict:
+        model = trained(name)
+        ev = common.evaluate(model.model, model.variables, VariabilityModel(s), key, chips,
+                             test())
+        sm = ev.summary
+        return {"method": run.method, "bits": run.bits, "act_bits": c.act_bits,
+                "train_sigma": run.train_sigma, "eval_sigma": s, "mean": sm["mean"],
+                "p5": sm["p5"], "std": sm["std"], "min": sm["min"],
+                "nominal": sm["nominal"], "chips": sm["chips"],
+                "test_images": ev.num_images, "run": model.workdir.name,
+                "dataset": c.dataset_name, "train_images": model.summary.get("train_images")}
+
+    trainings: dict[str, grid.Cell] = {}
+    for run in plan:
+        if run.method == "ptq":
+            trainings.setdefault(common.run_name(run.source),
+                                 common.training_cell(run.source, runs_dir, progress))
+        config = run_config(run, runs_dir)
+        trainings.setdefault(common.run_name(config), common.training_cell(
+            config, runs_dir, progress, run.source if run.method == "ptq" else None))
+    cells = list(trainings.values())
+    for run in plan:
+        name = common.run_name(run_config(run, runs_dir))
         for s, chips in evaluations(c, run):
-            path = cache / f"{trained.workdir.name}__s{s:g}_c{chips}_i{len(test)}.json"
-            if path.exists():
-                row = json.loads(path.read_text())
-            else:
-                ev = common.evaluate(trained.model, trained.variables, VariabilityModel(s), key,
-                                     chips, test)
-                sm = ev.summary
-                row = {"method": run.method, "bits": run.bits, "act_bits": c.act_bits,
-                       "train_sigma": run.train_sigma, "eval_sigma": s, "mean": sm["mean"],
-                       "p5": sm["p5"], "std": sm["std"], "min": sm["min"],
-                       "nominal": sm["nominal"], "chips": sm["chips"],
-                       "test_images": ev.num_images, "run": trained.workdir.name,
-                       "dataset": c.dataset_name,
-                       "train_images": trained.summary.get("train_images")}
-                files.write_json(path, row)
-            if run.method == "qat" and "qat" not in c.methods:
-                row = dict(row, method="qat(qavat@0)")
-            rows.append(row)
-    return rows
+            spec = {"run": name, "eval_sigma": s, "chips": chips, "test_images": n_test,
+                    "dataset": c.dataset_name, "chip_seed": c.seed}
+            label = f"{name}__s{s:g}_c{chips}"
+            cells.append(grid.Cell(label, grid.cell_path(Path(out) / "evals", label, spec),
+                                   functools.partial(evaluate, run, name, s, chips), spec))
+    return cells
+
+
+def merged_rows(c: claims.Claim1, rows: list[dict]) -> list[dict]:
+    """The evaluation rows as the tables read them (qat trained for qavat at sigma 0 named so)."""
+    return [dict(r, method="qat(qavat@0)") if r["method"] == "qat" and "qat" not in c.methods
+            else r for r in rows]
 
 
 def matched(rows, method: str, bits: int, sigma: float) -> dict | None:
@@ -217,22 +252,28 @@ def run(args: Args) -> tuple[list[dict], dict] | None:
     c, output = args.claim, args.output
     out, runs_dir = common.claim_out("claim1", c, output)
     setup = setups.get(c.setup)
-    if output.dry_run or setup.paper_size:
+    if (output.dry_run or setup.paper_size) and distributed.is_primary():
         print(plan_text(c), flush=True)
     if output.dry_run:
         return None
     start = time.perf_counter()
-    with files.run_lock(out):
-        rows = evaluate_grid(c, out, runs_dir, progress=output.progress and not c.smoke)
+    cells = plan_cells(c, out, runs_dir,
+                       progress=output.progress and not c.smoke and distributed.is_primary())
+
+    def merge(rows: list[dict]) -> tuple[list[dict], dict]:
+        rows = merged_rows(c, rows)
         tabs = tables(c, rows)
         common.write_results(out, "claim1", rows, common.meta(c, setup=setup))
         text = format_tables(c, tabs)
         files.write_text(out / "claim1_tables.txt", text)
         plot(c, tabs, out / "claim1.png")
-    print(text)
-    print(f"wrote {out}/claim1.json, claim1.csv, claim1_tables.txt, claim1.png "
-          f"({time.perf_counter() - start:.0f} s)")
-    return rows, tabs
+        print(text)
+        print(f"wrote {out}/claim1.json, claim1.csv, claim1_tables.txt, claim1.png "
+              f"({time.perf_counter() - start:.0f} s)")
+        return rows, tabs
+
+    return grid.run(cells, out, merge, shard=output.shard_spec,
+                    merge_only=output.merge, progress=output.progress)
 
 
 def main(argv=None):

@@ -6,12 +6,13 @@
 * Runs: every trained model lives in ``<runs>/<run_name(config)>``. A finished run
   (``done.json``) is reused after checking that its saved config is the one asked for; an
   interrupted one resumes from its last checkpoint, so a sweep that stops continues where
-  it was.
+  it was; one that another process is training (its lock) is waited for, then reused.
 * Chips: :func:`chip_key` (chip i of every evaluation is ``fold_in(chip_key(seed), i)``,
   the same chips for every model and variant) and :func:`evaluate` (at sigma 0 the nominal
   model, once, instead of N identical chips).
 * Results: :func:`write_results` writes ``<name>.json`` (meta + rows) and ``<name>.csv``
-  atomically (:mod:`pimjax.files`); tables, plots and the claim-2/3 sweep.
+  atomically (:mod:`pimjax.files`); tables, plots and the claim-2/3 sweep as a grid of
+  cells (:mod:`grid`: sharded over jobs, merged once all are done).
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ import time
 import warnings
 from pathlib import Path
 
+import grid
 import jax
 import jax.numpy as jnp
 import numpy as np
 import tyro
 
-from pimjax import cli, data, devices, files, introspect, montecarlo, selftune
+from pimjax import cli, data, devices, distributed, files, introspect, montecarlo, selftune
 from pimjax.configs import claims, setups
 from pimjax.train import TrainConfig, load_model, train
 
@@ -123,24 +125,55 @@ def config_diff(now: dict, saved: dict) -> str:
     return ", ".join(f"{k}: {b.get(k)!r} -> {a.get(k)!r}" for k in keys)
 
 
-def train_or_load(config: TrainConfig, runs: Path, progress: bool = True) -> Run:
-    """Train ``config`` in ``runs/<run_name>`` unless it finished there; return the run."""
+def ensure_trained(config: TrainConfig, runs: Path, progress: bool = True) -> tuple[Path, dict]:
+    """Train ``config`` in ``runs/<run_name>`` unless it finished there: (its folder, summary).
+
+    A run that another job is training (it holds the run's lock) is waited for, then reused.
+    """
     workdir = Path(runs) / run_name(config)
     done = workdir / DONE
-    if done.is_file():
-        saved = json.loads((workdir / "config.json").read_text())
-        diff = config_diff(config.to_dict(), saved)
-        if diff:
-            raise ValueError(f"{workdir} holds a finished run of another config ({diff}): use "
-                             "another --runs folder, or delete that run")
-        summary = json.loads(done.read_text())
-    else:
+    say = print if distributed.is_primary() else _quiet
+    while not distributed.agree(done.is_file()):  # process 0's view decides for all
         if progress:
-            print(f"training {workdir.name}", flush=True)
-        summary = train(config, workdir=workdir, resume=True, progress=progress).summary
-        files.write_json(done, summary)
+            say(f"training {workdir.name}", flush=True)
+        try:
+            summary = train(config, workdir=workdir, resume=True, progress=progress).summary
+        except files.RunLockedError:  # raised in every process of this run
+            say(f"waiting for {workdir.name}: another run is training it", flush=True)
+            with files.run_lock(workdir, wait=True):
+                continue
+        if distributed.is_primary():
+            files.write_json(done, summary)
+        return workdir, summary
+    saved = json.loads((workdir / "config.json").read_text())
+    diff = config_diff(config.to_dict(), saved)
+    if diff:
+        raise ValueError(f"{workdir} holds a finished run of another config ({diff}): use "
+                         "another --runs folder, or delete that run")
+    return workdir, json.loads(done.read_text())
+
+
+def training_cell(config: TrainConfig, runs: Path, progress: bool = True,
+                  source: TrainConfig | None = None) -> grid.Cell:
+    """The grid cell that trains ``config`` (finished: its done.json); ``source``: a run
+    trained (or waited for) first, e.g. the float model a ptq run quantizes."""
+    def compute() -> None:
+        if source is not None:
+            ensure_trained(source, runs, progress)
+        ensure_trained(config, runs, progress)
+
+    return grid.Cell(f"train {run_name(config)}", Path(runs) / run_name(config) / DONE, compute)
+
+
+def train_or_load(config: TrainConfig, runs: Path, progress: bool = True) -> Run:
+    """Train ``config`` in ``runs/<run_name>`` unless it finished there; return the run."""
+    workdir, summary = ensure_trained(config, runs, progress)
     model, variables, _ = load_model(workdir)
     return Run(model, variables, workdir, summary)
+
+
+def _quiet(*args, **kwargs) -> None:
+    """print() of the processes other than process 0 of a multi-process run."""
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -261,6 +294,21 @@ class Output:
     """progress bars and per-run lines (--no-progress: quiet)"""
     dry_run: bool = False
     """print the plan and its run-time estimate, then exit (nothing is loaded or trained)"""
+    shard: str | None = None
+    """compute only shard I/N of the grid's cells (cells i with i % N == I), e.g. 0/4; the
+    last shard to finish writes the tables"""
+    merge: bool = False
+    """write the tables from the cells the shards computed; compute nothing"""
+
+    def __post_init__(self):
+        grid.parse_shard(self.shard)
+        if self.merge and self.shard is not None:
+            raise ValueError("--merge with --shard: --merge computes nothing, pass it alone")
+
+    @property
+    def shard_spec(self) -> tuple[int, int] | None:
+        """``--shard`` as ``(I, N)``, or None."""
+        return grid.parse_shard(self.shard)
 
 
 def claim_defaults(args_type, preset):
@@ -327,12 +375,6 @@ def _duration(seconds: float) -> str:
 # ------------------------------------------------------------------ between-chip sweeps
 
 
-def between_model(config: claims.Between, runs: Path, progress: bool) -> Run:
-    """Train (or reuse) the sweep's qavat model."""
-    return train_or_load(config.train_config("qavat", config.quant, config.qavat_sigma), runs,
-                         progress)
-
-
 def between_plan(config: claims.Between, tunes) -> str:
     """The plan of a between sweep and, for a paper-size setup, its estimate."""
     tconfig = config.train_config("qavat", config.quant, config.qavat_sigma)
@@ -346,75 +388,105 @@ def between_plan(config: claims.Between, tunes) -> str:
     return "\n".join(lines)
 
 
-def between_sweep(config: claims.Between, tunes, runs: Path, calib_images: int = 0,
-                  progress: bool = True) -> list[dict]:
-    """Evaluate the qavat model at every (granularity, between fraction), per tune variant.
+def between_cells(config: claims.Between, tunes, out: Path, runs: Path, calib_images: int = 0,
+                  progress: bool = True) -> list[grid.Cell]:
+    """The cells of a between sweep: the qavat model, then one evaluation per (granularity,
+    between fraction, tune variant) in table order.
 
     ``tunes``: "none" and/or :data:`pimjax.selftune.TUNE_VARIANTS`. Every variant sees the
-    same chips (chip i from ``fold_in(chip_key(seed), i)``).
+    same chips (chip i from ``fold_in(chip_key(seed), i)``). Data, model and nominal
+    statistics are loaded once per process, when a cell first needs them.
     """
-    run = between_model(config, runs, progress)
-    test = load_split(config.dataset_name, "test", config.data_dir, config.test_images)
-    calib = stats = None
-    if any(t != "none" for t in tunes):
-        calib = calibration_images(config.dataset_name, calib_images, config.data_dir)
-        if any(t in selftune.NEEDS_STATS for t in tunes):
-            stats = selftune.nominal_stats(run.model, run.variables, calib)
-    key = chip_key(config.seed)
-    rows = []
+    tconfig = config.train_config("qavat", config.quant, config.qavat_sigma)
+    name = run_name(tconfig)
+
+    @functools.cache
+    def model() -> Run:
+        return train_or_load(tconfig, runs, progress)
+
+    @functools.cache
+    def test() -> data.Dataset:
+        return load_split(config.dataset_name, "test", config.data_dir, config.test_images)
+
+    @functools.cache
+    def calib() -> np.ndarray:
+        return calibration_images(config.dataset_name, calib_images, config.data_dir)
+
+    @functools.cache
+    def stats():
+        return selftune.nominal_stats(model().model, model().variables, calib())
+
+    def evaluate_point(gran: str, frac: float, tune: str) -> dict:
+        run = model()
+        vm = devices.VariabilityModel.from_total(config.sigma_total, frac,
+                                                 between_granularity=gran)
+        tuning = None if tune == "none" else selftune.SelfTune(
+            tune, calib(), stats() if tune in selftune.NEEDS_STATS else None)
+        ev = evaluate(run.model, run.variables, vm, chip_key(config.seed), config.chips,
+                      test(), tuning=tuning)
+        s, cost = ev.summary, ev.tune_cost
+        if progress:
+            print(f"{gran:<6} between {frac:.2f} {tune:<12} mean {100 * s['mean']:.2f} "
+                  f"drop {100 * s['drop_mean']:.2f}", flush=True)
+        return {
+            "granularity": gran, "between_fraction": frac,
+            "sigma_within": vm.sigma_within, "sigma_between": vm.sigma_between,
+            "self_tune": tune, "nominal": s["nominal"], "mean": s["mean"],
+            "p5": s["p5"], "min": s["min"], "std": s["std"],
+            "drop_mean": s["drop_mean"], "drop_p5": s["drop_p5"],
+            "chips": s["chips"], "test_images": ev.num_images,
+            "calib_images": cost.images if cost else 0,
+            "calib_passes": cost.passes if cost else 0,
+            "calib_cost": str(cost) if cost else "", "run": run.workdir.name,
+            "dataset": config.dataset_name,
+            "train_images": run.summary.get("train_images"),
+        }
+
+    cells = [training_cell(tconfig, runs, progress)]
     for gran in config.granularities:
         for frac in config.fractions:
-            vm = devices.VariabilityModel.from_total(config.sigma_total, frac,
-                                                     between_granularity=gran)
             for tune in tunes:
-                tuning = None if tune == "none" else selftune.SelfTune(tune, calib, stats)
-                ev = evaluate(run.model, run.variables, vm, key, config.chips, test,
-                              tuning=tuning)
-                s, cost = ev.summary, ev.tune_cost
-                rows.append({
-                    "granularity": gran, "between_fraction": frac,
-                    "sigma_within": vm.sigma_within, "sigma_between": vm.sigma_between,
-                    "self_tune": tune, "nominal": s["nominal"], "mean": s["mean"],
-                    "p5": s["p5"], "min": s["min"], "std": s["std"],
-                    "drop_mean": s["drop_mean"], "drop_p5": s["drop_p5"],
-                    "chips": s["chips"], "test_images": ev.num_images,
-                    "calib_images": cost.images if cost else 0,
-                    "calib_passes": cost.passes if cost else 0,
-                    "calib_cost": str(cost) if cost else "", "run": run.workdir.name,
-                    "dataset": config.dataset_name,
-                    "train_images": run.summary.get("train_images"),
-                })
-                if progress:
-                    print(f"{gran:<6} between {frac:.2f} {tune:<12} mean {100 * s['mean']:.2f} "
-                          f"drop {100 * s['drop_mean']:.2f}", flush=True)
-    return rows
+                spec = {"run": name, "granularity": gran, "between_fraction": frac,
+                        "sigma_total": config.sigma_total, "self_tune": tune,
+                        "chips": config.chips, "test_images": dataset_size(config, "test"),
+                        "calib_images": 0 if tune == "none" else calib_images,
+                        "dataset": config.dataset_name, "seed": config.seed}
+                label = f"{gran}_b{frac:g}_{tune}"
+                cells.append(grid.Cell(
+                    label, grid.cell_path(Path(out) / "evals", label, spec),
+                    functools.partial(evaluate_point, gran, frac, tune), spec))
+    return cells
 
 
 def run_between(config: claims.Between, output: Output, name: str, tunes, title: str,
                 calib_images: int = 0) -> list[dict] | None:
-    """The claim-2/3 script body: plan, lock the output folder, sweep, write, print."""
+    """The claim-2/3 script body: plan, compute this process's cells, merge, write, print."""
     out, runs = claim_out(name, config, output)
     setup = setups.get(config.setup)
-    if output.dry_run or setup.paper_size:
+    if (output.dry_run or setup.paper_size) and distributed.is_primary():
         print(between_plan(config, tunes), flush=True)
     if output.dry_run:
         return None
-    progress = output.progress and not config.smoke
+    progress = output.progress and not config.smoke and distributed.is_primary()
     start = time.perf_counter()
-    with files.run_lock(out):
-        rows = between_sweep(config, tunes, runs, calib_images, progress)
+    cells = between_cells(config, tunes, out, runs, calib_images, progress)
+
+    def merge(rows: list[dict]) -> list[dict]:
         write_results(out, name, rows, meta(config, setup=setup))
         files.write_text(out / f"{name}_table.txt", format_between(rows) + "\n")
         plot_between(rows, out / f"{name}.png",
                      f"{name}, {config.setup} on {config.dataset_name}, {config.quant} qavat: "
                      f"{title}sigma_total {config.sigma_total}, {config.chips} chips")
-    print(f"{config.setup} on {config.dataset_name}, {config.quant} qavat (trained at "
-          f"sigma_within {config.qavat_sigma}), sigma_total {config.sigma_total}, "
-          f"{config.chips} chips, {rows[0]['test_images']} test images; accuracy in %")
-    print(format_between(rows))
-    print(f"wrote {out}/{name}.json, {name}.csv, {name}_table.txt, {name}.png "
-          f"({time.perf_counter() - start:.0f} s)")
-    return rows
+        print(f"{config.setup} on {config.dataset_name}, {config.quant} qavat (trained at "
+              f"sigma_within {config.qavat_sigma}), sigma_total {config.sigma_total}, "
+              f"{config.chips} chips, {rows[0]['test_images']} test images; accuracy in %")
+        print(format_between(rows))
+        print(f"wrote {out}/{name}.json, {name}.csv, {name}_table.txt, {name}.png "
+              f"({time.perf_counter() - start:.0f} s)")
+        return rows
+
+    return grid.run(cells, out, merge, shard=output.shard_spec, merge_only=output.merge,
+                    progress=output.progress)
 
 
 BETWEEN_COLUMNS = (("gran", "granularity", 7, "text"), ("between", "between_fraction", 8, "num"),

@@ -9,6 +9,9 @@ results.csv and quickstart.png into --out. Finished trainings are reused.
     python experiments/quickstart.py             # the defaults: under 5 minutes on 2 CPU cores
     python experiments/quickstart.py --epochs 10 --train-images 60000 --test-images 10000
     python experiments/quickstart.py --smoke     # seconds (tests)
+
+Runs on several processes as every script does (--coordinator/--num-processes/--process-id,
+see docs/distributed.md): trainings data-parallel, chips split over every device.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Annotated
 import common
 import numpy as np
 
-from pimjax import cli, files, montecarlo, selftune
+from pimjax import cli, distributed, files, montecarlo, selftune
 from pimjax.configs import quickstart as presets
 
 DATASET = "mnist"  # bundled with pimjax: no data folder, no network
@@ -44,7 +47,7 @@ def run(args: Args) -> list[dict]:
     out = args.out or Path("runs/smoke/quickstart" if q.smoke else "runs/quickstart")
     progress = args.progress and not q.smoke
     start = time.perf_counter()
-    with files.run_lock(out):
+    with distributed.shared_run_lock(out):
         device = q.device.build()
         test = common.load_split(DATASET, "test", None, q.test_images)
         calib = common.calibration_images(DATASET, q.calib_images, None)
@@ -70,6 +73,8 @@ def run(args: Args) -> list[dict]:
                     "calib_cost": str(res.tune_cost) if res.tune_cost else "",
                     "chip_images_per_s": res.chip_images_per_second,
                 })
+        if not distributed.is_primary():  # process 0 writes and prints
+            return rows
         common.write_results(out, "results", rows,
                              common.meta(q, device=q.device, data=f"{DATASET} (bundled)"))
         plot(q, per_chip, out / "quickstart.png")

@@ -162,16 +162,20 @@ def restore_variables(path: str | os.PathLike, target=None):
     """``(meta, variables)`` of a checkpoint, on the default device.
 
     ``target``: a pytree of ``jax.ShapeDtypeStruct`` of the variables (default: the saved
-    structure). Raises :class:`CheckpointError` naming a damaged checkpoint.
+    structure). Raises :class:`CheckpointError` naming a damaged checkpoint. In a
+    multi-process run each process reads on its own (no barrier with the others).
     """
     ckpt = checkpoint_dir(path)
     meta = read_meta(ckpt)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    me = jax.process_index()
+    reader = ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}))
     try:
         if target is not None:
             target = jax.tree.map(
                 lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), target)
-        variables = ocp.StandardCheckpointer().restore(ckpt / "variables", target)
+        variables = reader.restore(ckpt / "variables", target)
         jax.block_until_ready(variables)
     except Exception as e:  # orbax/TensorStore raise many types for a damaged file
         raise CheckpointError(f"checkpoint {ckpt} is damaged and cannot be read "

@@ -14,6 +14,11 @@ per chunk and any device count. Image chunks are at least ``MIN_IMAGES_PER_CHUNK
 (padded and masked), because XLA's CPU GEMM rounds differently for fewer rows; above that
 the logits are bit-identical too (tested). Correct counts are exact; per-chip losses are
 float32 sums per chunk added in float64, so they agree to float tolerance (~1e-7 relative).
+
+Several processes: in a multi-process run (:mod:`pimjax.distributed`) the default mesh spans
+every device of every process, each process computes its devices' chips, and every process
+gets all per-chip results (the same bits as one process with as many devices in total);
+only process 0 shows progress.
 """
 
 from __future__ import annotations
@@ -521,7 +526,7 @@ def evaluate_chips(model, variables, device: devices.Device, key, num_chips: int
                                                       plan.mode)
     metrics_fn = _metrics_step(model, mesh, plan.mode)
     bar = progress_bar(plan.num_chip_chunks * (plan.num_image_chunks + (tune_fn is not None)),
-                       "chips", progress and is_primary(), unit="chunk")
+                       "chips", progress and is_primary(mesh), unit="chunk")
     correct = np.zeros(plan.num_chip_chunks * plan.chips, np.int64)
     loss = np.zeros(plan.num_chip_chunks * plan.chips, np.float64)
     per_image = np.zeros(plan.num_image_chunks * plan.images, np.int64)
@@ -549,7 +554,7 @@ def evaluate_chips(model, variables, device: devices.Device, key, num_chips: int
     nominal_acc = nominal_loss = nominal_tuned = None
     if nominal:
         nominal_acc, nominal_loss = _nominal_metrics(model, variables, xs, ys, ms, n)
-        if tuning is not None:  # the same tuning solved on the ideal chip
+        if tuning is not None:  # the same tuning solved on the ideal chip, in each process
             ideal = devices.sample_chip(key, devices.ideal(), template)
             tuned = selftune.self_tune(model, variables, ideal, calib, variant, stats,
                                        tune_batch, mode="layers").tune
@@ -596,7 +601,7 @@ def tune_chips(model, variables, device: devices.Device, key, num_chips: int,
     var_r, tmpl_r, calib, stats = replicate((variables, template, calib, stats), mesh)
     sample_fn = _sample_step(mesh, device)
     tune_fn = _tune_step(model, mesh, variant, tune_batch, plan.mode)
-    bar = progress_bar(plan.num_chip_chunks, "tune", progress and is_primary(), unit="chunk")
+    bar = progress_bar(plan.num_chip_chunks, "tune", progress and is_primary(mesh), unit="chunk")
     outs = []
     for c in range(plan.num_chip_chunks):
         keys = shard_rows(devices.chip_keys(key, plan.chips, start=c * plan.chips), mesh)

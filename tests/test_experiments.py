@@ -166,6 +166,15 @@ BAD_FLAGS = [
     (train_script, ["--out", "x", "--stop-after", "0"], "--stop-after=0"),
     (train_script, ["--out", "x", "--data.train-images", "100"], "below --optim.batch-size"),
     (train_script, ["--out", "x", "--quant.weight-bits", "9"], "--quant: weight_bits=9"),
+    (train_script, ["--out", "x", "--num-processes", "2"], "--coordinator, --process-id missing"),
+    (montecarlo_script, ["--checkpoint", "x", "--coordinator", "h:1", "--num-processes", "2",
+                         "--process-id", "2"], "--process-id=2 is out of range"),
+    (claim2, ["--coordinator", "h", "--num-processes", "2", "--process-id", "0"],
+     "is not HOST:PORT"),
+    (claim1, ["--heartbeat-timeout", "0"], "--heartbeat-timeout=0"),
+    (claim1, ["--shard", "2/2"], "--shard=2/2 needs"),
+    (claim3, ["--shard", "half"], "--shard='half' is not I/N"),
+    (claim2, ["--merge", "--shard", "0/2"], "--merge with --shard"),
 ]
 
 
@@ -315,6 +324,57 @@ def test_claim1_smoke_qat_qavat_and_resume(runs, tmp_path):
     assert _rows(tmp_path / "claim1.json") == rows
     assert sorted(p.name for p in (tmp_path / "evals").iterdir()) == evals
     assert sorted(p.name for p in runs.iterdir()) == trained
+
+
+def _shared_cache_env(tmp_path) -> dict:
+    """Environment of a script subprocess: this checkout, and this session's compile cache."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("PIMJAX_COMPILE_CACHE", None)
+    cache = jax.config.jax_compilation_cache_dir
+    if cache:
+        (tmp_path / "cache").mkdir(exist_ok=True)
+        link = tmp_path / "cache" / "jax-compile"
+        if not link.exists():
+            link.symlink_to(cache)
+        env["PIMJAX_CACHE_DIR"] = str(tmp_path / "cache")
+    return env
+
+
+def test_claim1_shards_and_merge_equal_the_unsharded_table(runs, tmp_path):
+    argv = ["--smoke", "--methods", "qat", "qavat"]
+    rows, _ = claim1.main([*argv, "--out", str(tmp_path / "whole"), "--runs", str(runs)])
+    out = tmp_path / "sharded"  # its own runs folder: the shards train the models too
+    cmd = [sys.executable, str(ROOT / "experiments/claim1_training.py"), *argv, "--out", str(out)]
+    env = _shared_cache_env(tmp_path)
+    shards = [subprocess.Popen([*cmd, "--shard", f"{i}/2"], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+    try:  # two jobs at once: cells 0, 2, 4 and 1, 3, 5 (a training and two evaluations each)
+        logs = [p.communicate(timeout=600)[0] for p in shards]  # a hang fails
+    finally:
+        for p in shards:
+            p.kill()
+    assert [p.returncode for p in shards] == [0, 0], logs
+    assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(
+        p.name for p in runs.iterdir() if p.name in {r["run"] for r in rows})
+    merged, _ = claim1.main([*argv, "--out", str(out), "--merge"])
+    assert merged == rows  # the same bits, whichever job computed a cell
+    assert (out / "claim1_tables.txt").read_text() == (
+        tmp_path / "whole" / "claim1_tables.txt").read_text()
+    # a lost evaluation is computed again by its shard alone; the other cells are reused
+    cells = sorted((out / "evals").iterdir())
+    before = {p.name: p.stat().st_mtime_ns for p in cells}
+    lost = cells[0]
+    kept = lost.read_text()
+    lost.unlink()
+    with pytest.raises(SystemExit) as e:  # --merge refuses an incomplete grid
+        claim1.main([*argv, "--out", str(out), "--merge"])
+    assert e.value.code == 2
+    config = _parse(claim1, argv, common.claim_defaults(claim1.Args, claims.claim1)).claim
+    plan = [c.path for c in claim1.plan_cells(config, out, out / "runs")]
+    shard = f"{plan.index(lost) % 2}/2"  # the shard that owns the lost cell
+    merged, _ = claim1.main([*argv, "--out", str(out), "--shard", shard])  # and merges
+    assert merged == rows and lost.read_text() == kept
+    assert all(p.stat().st_mtime_ns == before[p.name] for p in cells if p != lost)
 
 
 @pytest.mark.slow
