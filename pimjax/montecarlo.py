@@ -505,6 +505,7 @@ def evaluate_chips(model, variables, device: devices.Device, key, num_chips: int
     xs, ys, ms = _prepare_images(images, labels, plan.images)
     template = analog_kernels(variables)
     var_r, tmpl_r, xs_r, ys_r, ms_r = replicate((variables, template, xs, ys, ms), mesh)
+    calib_local, stats_local = calib, stats  # the nominal model's tuning runs off the mesh
     if calib is not None:
         calib, stats = replicate((calib, stats), mesh)
     sample_fn = _sample_step(mesh, device)
@@ -542,8 +543,8 @@ def evaluate_chips(model, variables, device: devices.Device, key, num_chips: int
         nominal_acc, nominal_loss = _nominal_metrics(model, variables, xs, ys, ms, n)
         if tuning is not None:  # the same tuning solved on the ideal chip
             ideal = devices.sample_chip(key, devices.ideal(), template)
-            tuned = selftune.self_tune(model, variables, ideal, calib, variant, stats,
-                                       tune_batch, mode="layers").tune
+            tuned = selftune.self_tune(model, variables, ideal, calib_local, variant,
+                                       stats_local, tune_batch, mode="layers").tune
             nominal_tuned = _nominal_metrics(model, with_tune(variables, tuned), xs, ys, ms,
                                              n)[0]
     cost = tuning.cost(model) if tuning is not None else None
