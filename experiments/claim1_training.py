@@ -109,9 +109,13 @@ def plan_text(c: claims.Claim1) -> str:
                               chip_images))
 
 
+ARRAYS = ("chip_accuracy", "image_accuracy")  # per-chip and per-image accuracies of a row
+
+
 def evaluate_grid(c: claims.Claim1, out: Path, runs_dir: Path, progress: bool = True
                   ) -> list[dict]:
-    """Train every planned model and evaluate it at the evaluation sigmas; return rows."""
+    """Train every planned model and evaluate it at the evaluation sigmas; return rows (each
+    with its per-chip and per-image accuracies under :data:`ARRAYS`, for paired errors)."""
     test = common.load_split(c.dataset_name, "test", c.data_dir, c.test_images)
     key = common.chip_key(c.seed)  # the same chips for every model
     cache = out / "evals"
@@ -128,16 +132,28 @@ def evaluate_grid(c: claims.Claim1, out: Path, runs_dir: Path, progress: bool = 
                 sm = ev.summary
                 row = {"method": run.method, "bits": run.bits, "act_bits": c.act_bits,
                        "train_sigma": run.train_sigma, "eval_sigma": s, "mean": sm["mean"],
-                       "p5": sm["p5"], "std": sm["std"], "min": sm["min"],
+                       "se": sm["se"], "p5": sm["p5"], "std": sm["std"], "min": sm["min"],
                        "nominal": sm["nominal"], "chips": sm["chips"],
                        "test_images": ev.num_images, "run": trained.workdir.name,
                        "dataset": c.dataset_name,
-                       "train_images": trained.summary.get("train_images")}
+                       "train_images": trained.summary.get("train_images"),
+                       "seconds": round(ev.seconds, 1),
+                       "chip_accuracy": ev.accuracy.tolist(),
+                       "image_accuracy": ev.image_accuracy.tolist()}
                 files.write_json(path, row)
+                if progress:
+                    print(f"{run.method} W{run.bits} trained at {run.train_sigma:g}, eval "
+                          f"sigma {s:g}: mean {100 * sm['mean']:.2f} ({ev.seconds:.0f} s)",
+                          flush=True)
             if run.method == "qat" and "qat" not in c.methods:
                 row = dict(row, method="qat(qavat@0)")
             rows.append(row)
     return rows
+
+
+def without_arrays(rows) -> list[dict]:
+    """The rows without their per-chip and per-image accuracies (the result files' rows)."""
+    return [{k: v for k, v in r.items() if k not in ARRAYS} for r in rows]
 
 
 def matched(rows, method: str, bits: int, sigma: float) -> dict | None:
@@ -152,33 +168,52 @@ def matched(rows, method: str, bits: int, sigma: float) -> dict | None:
     return None
 
 
+def gain_se(best: dict, qavat: dict) -> float | None:
+    """Standard error of qavat's mean minus the best alternative's, paired over the same
+    chips and test images (None without the per-chip and per-image accuracies)."""
+    if any(k not in r for r in (best, qavat) for k in ARRAYS):
+        return None
+    return common.difference(qavat["chip_accuracy"], qavat["image_accuracy"],
+                             best["chip_accuracy"], best["image_accuracy"])[1]
+
+
 def tables(c: claims.Claim1, rows) -> dict:
-    """Matched-cell tables: {stat: {(bits, sigma): {method: value, 'gain': qavat - best alt}}}."""
+    """Matched-cell tables: {stat: {(bits, sigma): {method: value, 'gain': qavat - best alt,
+    'se': the gain's paired standard error (mean only, when the rows carry their arrays)}}}."""
     out = {}
     for stat in ("mean", "p5"):
         table = {}
         for bits in c.bits:
             for s in c.evaluated_sigmas:
-                cell = {}
+                cell, found = {}, {}
                 for m in c.methods:
                     r = matched(rows, m, bits, s)
                     if r is not None:
-                        cell[m] = r[stat]
-                alts = [v for m, v in cell.items() if m != "qavat"]
+                        cell[m], found[m] = r[stat], r
+                alts = [m for m in cell if m != "qavat"]
                 if "qavat" in cell and alts:
-                    cell["gain"] = cell["qavat"] - max(alts)
+                    best = max(alts, key=lambda m: cell[m])
+                    cell["gain"] = cell["qavat"] - cell[best]
+                    se = gain_se(found[best], found["qavat"]) if stat == "mean" else None
+                    if se is not None:
+                        cell["se"] = se
                 table[(bits, s)] = cell
         out[stat] = table
     return out
 
 
 def format_tables(c: claims.Claim1, tabs) -> str:
-    """The printed tables (accuracy in %)."""
-    cols = list(c.methods) + (["gain"] if "qavat" in c.methods and len(c.methods) > 1 else [])
+    """The printed tables (accuracy in %; se: the mean gain's paired standard error)."""
+    gain = "qavat" in c.methods and len(c.methods) > 1
     lines = []
     for stat, table in tabs.items():
+        cols = list(c.methods) + (["gain"] if gain else [])
+        if gain and any("se" in cell for cell in table.values()):
+            cols.append("se")
         lines.append(f"{stat} accuracy (%) over {c.chips} chips, each method at its matched "
-                     f"cell; gain = qavat - best alternative")
+                     f"cell; gain = qavat - best alternative"
+                     + ("; se = its standard error, paired over chips and images"
+                        if "se" in cols else ""))
         head = f"{'bits':>5}{'sigma':>7}" + "".join(f"{col:>9}" for col in cols)
         lines += [head, "-" * len(head)]
         for (bits, s), cell in table.items():
@@ -223,8 +258,8 @@ def run(args: Args) -> tuple[list[dict], dict] | None:
         return None
     start = time.perf_counter()
     with files.run_lock(out):
-        rows = evaluate_grid(c, out, runs_dir, progress=output.progress and not c.smoke)
-        tabs = tables(c, rows)
+        full = evaluate_grid(c, out, runs_dir, progress=output.progress and not c.smoke)
+        tabs, rows = tables(c, full), without_arrays(full)
         common.write_results(out, "claim1", rows, common.meta(c, setup=setup))
         text = format_tables(c, tabs)
         files.write_text(out / "claim1_tables.txt", text)
