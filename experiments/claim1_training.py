@@ -98,14 +98,17 @@ def plan_text(c: claims.Claim1) -> str:
     trainings = {common.run_name(r.config) for r in plan if r.method != "ptq"}
     trainings |= {common.run_name(r.source) for r in plan if r.method == "ptq"}
     n_test = common.dataset_size(c, "test")
-    chip_images = sum(chips * n_test for r in plan for _, chips in evaluations(c, r))
+    evals = [chips for r in plan for _, chips in evaluations(c, r)]
+    chip_images = sum(evals) * n_test
     config = c.train_config("qat", f"W{c.bits[0]}A{c.act_bits}")  # FLOPs: any bit width
     model = config.model.build(config.num_classes, config.quant)
+    which = ("each ptq/qavat model at its training sigma, qat at every sigma" if c.matched_only
+             else f"{len(plan)} models x {len(c.evaluated_sigmas)} sigma(s)")
     return (f"plan: {len(trainings)} trainings of {c.epochs} epoch(s) x "
             f"{common.dataset_size(c, 'train')} images, {sum(r.method == 'ptq' for r in plan)} "
-            f"ptq calibrations, {len(plan)} models evaluated at {len(c.evaluated_sigmas)} "
-            f"sigma(s) on {c.chips} chips x {n_test} test images\n"
-            + common.estimate(model, len(trainings), c.epochs * common.dataset_size(c, "train"),
+            f"ptq calibrations, {len(evals)} evaluations ({which}) on {c.chips} chips x "
+            f"{n_test} test images, A{c.act_bits}\n"
+            + common.estimate(model, len(trainings), c.epochs * common.dataset_size(c, 'train'),
                               chip_images))
 
 

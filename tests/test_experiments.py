@@ -216,8 +216,11 @@ def test_paper_size_dry_run_prints_the_estimate_without_loading_data(monkeypatch
     _no_work(monkeypatch)
     assert claim1.main(["--setup", "vgg11", "--dry-run"]) is None
     out = capsys.readouterr().out
-    assert "1000 chips x 10000 test images" in out and "100 epoch(s) x 50000 images" in out
-    assert re.search(r"estimated run time: [\d.]+ (s|min|h|days) for 30 training", out)
+    assert "1000 chips x 10000 test images, A8" in out and "100 epoch(s) x 50000 images" in out
+    # the tables' cells only: qat at 6 sigmas, ptq at 6, qavat at 5, for 4 bit widths
+    assert "68 evaluations (each ptq/qavat model at its training sigma" in out
+    assert re.search(r"estimated run time: [\d.]+ (s|min|h|days) \([\d.]+ (s|min|h|days) "
+                     r"for 30 training", out)
 
 
 def _parse(script, argv, default):
