@@ -97,14 +97,17 @@ def plan_text(c: claims.Claim1) -> str:
     trainings = {common.run_name(r.config) for r in plan if r.method != "ptq"}
     trainings |= {common.run_name(r.source) for r in plan if r.method == "ptq"}
     n_test = common.dataset_size(c, "test")
-    chip_images = sum(chips * n_test for r in plan for _, chips in evaluations(c, r))
+    evals = [chips for r in plan for _, chips in evaluations(c, r)]
+    chip_images = sum(evals) * n_test
     config = c.train_config("qat", f"W{c.bits[0]}A{c.act_bits}")  # FLOPs: any bit width
     model = config.model.build(config.num_classes, config.quant)
+    which = ("each ptq/qavat model at its training sigma, qat at every sigma" if c.matched_only
+             else f"{len(plan)} models x {len(c.evaluated_sigmas)} sigma(s)")
     return (f"plan: {len(trainings)} trainings of {c.epochs} epoch(s) x "
             f"{common.dataset_size(c, 'train')} images, {sum(r.method == 'ptq' for r in plan)} "
-            f"ptq calibrations, {len(plan)} models evaluated at {len(c.evaluated_sigmas)} "
-            f"sigma(s) on {c.chips} chips x {n_test} test images\n"
-            + common.estimate(model, len(trainings), c.epochs * common.dataset_size(c, "train"),
+            f"ptq calibrations, {len(evals)} evaluations ({which}) on {c.chips} chips x "
+            f"{n_test} test images, A{c.act_bits}\n"
+            + common.estimate(model, len(trainings), c.epochs * common.dataset_size(c, 'train'),
                               chip_images))
 
 
@@ -144,10 +147,12 @@ def plan_cells(c: claims.Claim1, out: Path, runs_dir: Path, progress: bool = Tru
         sm = ev.summary
         return {"method": run.method, "bits": run.bits, "act_bits": c.act_bits,
                 "train_sigma": run.train_sigma, "eval_sigma": s, "mean": sm["mean"],
-                "p5": sm["p5"], "std": sm["std"], "min": sm["min"],
+                "se": sm["se"], "p5": sm["p5"], "std": sm["std"], "min": sm["min"],
                 "nominal": sm["nominal"], "chips": sm["chips"],
                 "test_images": ev.num_images, "run": model.workdir.name,
-                "dataset": c.dataset_name, "train_images": model.summary.get("train_images")}
+                "dataset": c.dataset_name, "train_images": model.summary.get("train_images"),
+                "seconds": round(ev.seconds, 1), "chip_accuracy": ev.accuracy.tolist(),
+                "image_accuracy": ev.image_accuracy.tolist()}
 
     trainings: dict[str, grid.Cell] = {}
     for run in plan:
@@ -187,33 +192,52 @@ def matched(rows, method: str, bits: int, sigma: float) -> dict | None:
     return None
 
 
+def gain_se(best: dict, qavat: dict) -> float | None:
+    """Standard error of qavat's mean minus the best alternative's, paired over the same
+    chips and test images (None without the per-chip and per-image accuracies)."""
+    if any(k not in r for r in (best, qavat) for k in common.ARRAYS):
+        return None
+    return common.difference(qavat["chip_accuracy"], qavat["image_accuracy"],
+                             best["chip_accuracy"], best["image_accuracy"])[1]
+
+
 def tables(c: claims.Claim1, rows) -> dict:
-    """Matched-cell tables: {stat: {(bits, sigma): {method: value, 'gain': qavat - best alt}}}."""
+    """Matched-cell tables: {stat: {(bits, sigma): {method: value, 'gain': qavat - best alt,
+    'se': the gain's paired standard error (mean only, when the rows carry their arrays)}}}."""
     out = {}
     for stat in ("mean", "p5"):
         table = {}
         for bits in c.bits:
             for s in c.evaluated_sigmas:
-                cell = {}
+                cell, found = {}, {}
                 for m in c.methods:
                     r = matched(rows, m, bits, s)
                     if r is not None:
-                        cell[m] = r[stat]
-                alts = [v for m, v in cell.items() if m != "qavat"]
+                        cell[m], found[m] = r[stat], r
+                alts = [m for m in cell if m != "qavat"]
                 if "qavat" in cell and alts:
-                    cell["gain"] = cell["qavat"] - max(alts)
+                    best = max(alts, key=lambda m: cell[m])
+                    cell["gain"] = cell["qavat"] - cell[best]
+                    se = gain_se(found[best], found["qavat"]) if stat == "mean" else None
+                    if se is not None:
+                        cell["se"] = se
                 table[(bits, s)] = cell
         out[stat] = table
     return out
 
 
 def format_tables(c: claims.Claim1, tabs) -> str:
-    """The printed tables (accuracy in %)."""
-    cols = list(c.methods) + (["gain"] if "qavat" in c.methods and len(c.methods) > 1 else [])
+    """The printed tables (accuracy in %; se: the mean gain's paired standard error)."""
+    gain = "qavat" in c.methods and len(c.methods) > 1
     lines = []
     for stat, table in tabs.items():
+        cols = list(c.methods) + (["gain"] if gain else [])
+        if gain and any("se" in cell for cell in table.values()):
+            cols.append("se")
         lines.append(f"{stat} accuracy (%) over {c.chips} chips, each method at its matched "
-                     f"cell; gain = qavat - best alternative")
+                     f"cell; gain = qavat - best alternative"
+                     + ("; se = its standard error, paired over chips and images"
+                        if "se" in cols else ""))
         head = f"{'bits':>5}{'sigma':>7}" + "".join(f"{col:>9}" for col in cols)
         lines += [head, "-" * len(head)]
         for (bits, s), cell in table.items():
@@ -262,7 +286,7 @@ def run(args: Args) -> tuple[list[dict], dict] | None:
 
     def merge(rows: list[dict]) -> tuple[list[dict], dict]:
         rows = merged_rows(c, rows)
-        tabs = tables(c, rows)
+        tabs, rows = tables(c, rows), common.without_arrays(rows)
         common.write_results(out, "claim1", rows, common.meta(c, setup=setup))
         text = format_tables(c, tabs)
         files.write_text(out / "claim1_tables.txt", text)

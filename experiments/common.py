@@ -181,14 +181,41 @@ def _quiet(*args, **kwargs) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Evaluation:
-    """Per-chip accuracy and loss of one sweep point, its summary and its cost."""
+    """Per-chip accuracy and loss of one sweep point, its summary and its cost.
 
-    summary: dict  # pimjax.montecarlo.summarize's: chips, mean, std, min, p5, ..., drops
+    ``image_accuracy``: each test image's share of chips that got it right (the nominal
+    model's 0/1 correctness when it was evaluated once), for standard errors and paired
+    differences (:func:`difference`).
+    """
+
+    summary: dict  # pimjax.montecarlo.summarize's: chips, mean, std, min, p5, ..., drops, se
     accuracy: np.ndarray
     loss: np.ndarray
     num_images: int
     tune_cost: selftune.TuneCost | None
     seconds: float
+    image_accuracy: np.ndarray | None = None
+
+
+ARRAYS = ("chip_accuracy", "image_accuracy")  # per-chip and per-image accuracies of a row
+
+
+def without_arrays(rows) -> list[dict]:
+    """The rows without their per-chip and per-image accuracies (the result files' rows)."""
+    return [{k: v for k, v in r.items() if k not in ARRAYS} for r in rows]
+
+
+def difference(a_chips, a_images, b_chips, b_images) -> tuple[float, float]:
+    """Mean accuracy of sweep a minus sweep b and its standard error, for two sweeps of the
+    same chips and test images (per-chip ``[N]`` and per-image ``[M]`` accuracies of each;
+    a nominal model evaluated once has one chip, which pairs with every chip of the other)."""
+    a_c, b_c = np.asarray(a_chips, np.float64), np.asarray(b_chips, np.float64)
+    d = (a_c - b_c) if a_c.size == b_c.size else (a_c.mean() - b_c if a_c.size == 1
+                                                   else a_c - b_c.mean())
+    img = None
+    if a_images is not None and b_images is not None:
+        img = np.asarray(a_images, np.float64) - np.asarray(b_images, np.float64)
+    return float(d.mean()), montecarlo.paired_standard_error(d, img)
 
 
 @functools.lru_cache(maxsize=8)
@@ -196,13 +223,14 @@ def _logits(model):
     return jax.jit(lambda variables, x: model.apply(variables, x))
 
 
-def nominal_metrics(model, variables, dataset) -> tuple[float, float]:
-    """Accuracy and mean cross-entropy of the nominal model (no chip) on ``dataset``."""
+def nominal_metrics(model, variables, dataset) -> tuple[float, float, np.ndarray]:
+    """Accuracy, mean cross-entropy and per-image correctness (0/1 ``[M]``) of the nominal
+    model (no chip) on ``dataset``."""
     images, labels = montecarlo.dataset_arrays(model, dataset)
     n = images.shape[0]
     # Batches of >= MIN_IMAGES_PER_CHUNK images (padded) round as evaluate_chips' chunks do.
     size = max(montecarlo.MIN_IMAGES_PER_CHUNK, min(montecarlo.MAX_IMAGES_PER_CHUNK, n))
-    correct, total = 0, 0.0
+    correct, total = [], 0.0
     for start in range(0, n, size):
         x, y = images[start:start + size], labels[start:start + size]
         pad = size - x.shape[0]
@@ -211,9 +239,10 @@ def nominal_metrics(model, variables, dataset) -> tuple[float, float]:
         logits = np.asarray(_logits(model)(variables, x), np.float64)[:len(y)]
         logp = logits - logits.max(-1, keepdims=True)
         logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-        correct += int((logits.argmax(-1) == y).sum())
+        correct.append(logits.argmax(-1) == y)
         total += float(-logp[np.arange(len(y)), y].sum())
-    return correct / n, total / n
+    correct = np.concatenate(correct).astype(np.float64)
+    return float(correct.mean()), total / n, correct
 
 
 def evaluate(model, variables, variability: devices.VariabilityModel, key, num_chips: int,
@@ -225,14 +254,15 @@ def evaluate(model, variables, variability: devices.VariabilityModel, key, num_c
     device = devices.from_variability(variability)
     if device.is_ideal:
         start = time.perf_counter()
-        acc, loss = nominal_metrics(model, variables, test)
+        acc, loss, correct = nominal_metrics(model, variables, test)
         summary = montecarlo.summarize([acc], acc, thresholds, loss=[loss], nominal_loss=loss)
+        summary["se"] = montecarlo.paired_standard_error([acc], correct)
         return Evaluation(summary, np.array([acc]), np.array([loss]), len(test), None,
-                          time.perf_counter() - start)
+                          time.perf_counter() - start, correct)
     res = montecarlo.evaluate_chips(model, variables, device, key, num_chips, test,
                                     tuning=tuning, budget_bytes=budget_bytes, progress=progress)
     return Evaluation(res.summary(thresholds), res.accuracy, res.loss, res.num_images,
-                      res.tune_cost, res.seconds)
+                      res.tune_cost, res.seconds, res.image_accuracy)
 
 
 # -------------------------------------------------------------------------- result files
@@ -270,6 +300,8 @@ def text_table(rows, columns) -> str:
             return f"{value:>{width}}"
         if kind == "tail":
             return f"  {value}"
+        if value is None:
+            return f"{'-':>{width}}"
         return f"{(100 * value if kind == 'pct' else value):>{width}.2f}"
 
     head = "".join(f"  {h}" if k == "tail" else f"{h:<{w}}" if k == "text" else f"{h:>{w}}"
@@ -338,28 +370,33 @@ def dataset_size(config: claims.ClaimRun, split: str) -> int:
 
 
 def gemm_rate() -> float:
-    """FLOP/s of a 2048 x 2048 float32 matrix product on the default device (~0.3 s)."""
+    """FLOP/s of a 2048 x 2048 float32 matrix product on the default device: the fastest of
+    repeated products over ~0.3 s, so that other work on a shared machine does not make the
+    estimate days too long (it is the rate of the machine to itself)."""
     a = jnp.ones((2048, 2048), jnp.float32)
     f = jax.jit(lambda a: a @ a)
     f(a).block_until_ready()
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < 0.3:
+    best, n, start = float("inf"), 0, time.perf_counter()
+    while n < 3 or time.perf_counter() - start < 0.3:
+        t = time.perf_counter()
         f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
         n += 1
-    return 2 * 2048**3 * n / (time.perf_counter() - start)
+    return 2 * 2048**3 / best
 
 
 def estimate(model, trainings: int, image_epochs: int, chip_images: int) -> str:
     """A rough run-time estimate of ``trainings`` runs of ``image_epochs`` training images
     each and ``chip_images`` chip-image evaluations, from the model's FLOPs."""
-    flops = introspect.forward_flops(model) * (3 * trainings * image_epochs + chip_images)
-    rate = gemm_rate()
-    seconds = flops / (EFFICIENCY * rate)
-    return (f"estimated run time: {_duration(seconds)} for {trainings} training(s) of "
-            f"{image_epochs:,} image-epochs and {chip_images:,} chip-images "
-            f"({introspect.forward_flops(model) / 1e6:.0f} MFLOP per image forward, "
-            f"{EFFICIENCY:.0%} of a measured {rate / 1e9:.0f} GFLOP/s GEMM rate; a rough guide, "
-            "finished runs are reused)")
+    per_image = introspect.forward_flops(model)
+    rate = EFFICIENCY * gemm_rate()
+    train_s = per_image * 3 * trainings * image_epochs / rate  # forward + backward: 3 passes
+    eval_s = per_image * chip_images / rate
+    return (f"estimated run time: {_duration(train_s + eval_s)} ({_duration(train_s)} for "
+            f"{trainings} training(s) of {image_epochs:,} image-epochs, {_duration(eval_s)} for "
+            f"{chip_images:,} chip-images; {per_image / 1e6:.0f} MFLOP per image forward at "
+            f"{EFFICIENCY:.0%} of this device's {rate / EFFICIENCY / 1e9:.0f} GFLOP/s GEMM "
+            "rate; a rough guide, finished runs are reused)")
 
 
 def _duration(seconds: float) -> str:
@@ -427,19 +464,23 @@ def between_cells(config: claims.Between, tunes, out: Path, runs: Path, calib_im
         s, cost = ev.summary, ev.tune_cost
         if progress:
             print(f"{gran:<6} between {frac:.2f} {tune:<12} mean {100 * s['mean']:.2f} "
-                  f"drop {100 * s['drop_mean']:.2f}", flush=True)
+                  f"drop {100 * s['drop_mean']:.2f} ({ev.seconds:.0f} s)", flush=True)
         return {
             "granularity": gran, "between_fraction": frac,
             "sigma_within": vm.sigma_within, "sigma_between": vm.sigma_between,
             "self_tune": tune, "nominal": s["nominal"], "mean": s["mean"],
-            "p5": s["p5"], "min": s["min"], "std": s["std"],
+            "se": s.get("se"), "p5": s["p5"], "min": s["min"], "std": s["std"],
             "drop_mean": s["drop_mean"], "drop_p5": s["drop_p5"],
+            "nominal_tuned": s.get("nominal_tuned"),
+            "drop_mean_tuned": s.get("drop_mean_tuned"),
             "chips": s["chips"], "test_images": ev.num_images,
             "calib_images": cost.images if cost else 0,
             "calib_passes": cost.passes if cost else 0,
             "calib_cost": str(cost) if cost else "", "run": run.workdir.name,
             "dataset": config.dataset_name,
             "train_images": run.summary.get("train_images"),
+            "seconds": round(ev.seconds, 1),
+            "chip_accuracy": ev.accuracy.tolist(), "image_accuracy": ev.image_accuracy.tolist(),
         }
 
     cells = [training_cell(tconfig, runs, progress)]
@@ -472,6 +513,7 @@ def run_between(config: claims.Between, output: Output, name: str, tunes, title:
     cells = between_cells(config, tunes, out, runs, calib_images, progress)
 
     def merge(rows: list[dict]) -> list[dict]:
+        rows = without_arrays(with_tuning_gains(rows))
         write_results(out, name, rows, meta(config, setup=setup))
         files.write_text(out / f"{name}_table.txt", format_between(rows) + "\n")
         plot_between(rows, out / f"{name}.png",
@@ -489,15 +531,36 @@ def run_between(config: claims.Between, output: Output, name: str, tunes, title:
                     progress=output.progress)
 
 
+def with_tuning_gains(rows: list[dict]) -> list[dict]:
+    """Each tuned row with its gain over the untuned row of the same (granularity, between
+    fraction): a paired difference on the same chips and images, with its standard error."""
+    untuned = {(r["granularity"], r["between_fraction"]): r for r in rows
+               if r["self_tune"] == "none"}
+    out = []
+    for r in rows:
+        base = untuned.get((r["granularity"], r["between_fraction"]))
+        gain = se = None
+        if r["self_tune"] != "none" and base is not None and all(
+                k in x for x in (r, base) for k in ARRAYS):
+            gain, se = difference(r["chip_accuracy"], r["image_accuracy"],
+                                  base["chip_accuracy"], base["image_accuracy"])
+        out.append(dict(r, gain_vs_untuned=gain, gain_vs_untuned_se=se))
+    return out
+
+
 BETWEEN_COLUMNS = (("gran", "granularity", 7, "text"), ("between", "between_fraction", 8, "num"),
                    ("self-tune", "self_tune", 13, "rtext"), ("nominal", "nominal", 9, "pct"),
-                   ("mean", "mean", 8, "pct"), ("p5", "p5", 8, "pct"),
+                   ("mean", "mean", 8, "pct"), ("se", "se", 6, "pct"), ("p5", "p5", 8, "pct"),
                    ("drop", "drop_mean", 8, "pct"), ("drop p5", "drop_p5", 9, "pct"),
+                   ("drop t", "drop_mean_tuned", 8, "pct"),
+                   ("gain", "gain_vs_untuned", 8, "pct"), ("se", "gain_vs_untuned_se", 6, "pct"),
                    ("cost", "calib_cost", 0, "tail"))
 
 
 def format_between(rows) -> str:
-    """The printed table of a between-chip sweep (accuracy and drops in %)."""
+    """The printed table of a between-chip sweep (accuracy and drops in %): se is the mean's
+    standard error over chips and images; drop t the drop against the nominal model after
+    the same self-tuning; gain (se) the tuned mean minus the untuned one on the same chips."""
     return text_table(rows, BETWEEN_COLUMNS)
 
 

@@ -556,8 +556,8 @@ def evaluate_chips(model, variables, device: devices.Device, key, num_chips: int
         nominal_acc, nominal_loss = _nominal_metrics(model, variables, xs, ys, ms, n)
         if tuning is not None:  # the same tuning solved on the ideal chip, in each process
             ideal = devices.sample_chip(key, devices.ideal(), template)
-            tuned = selftune.self_tune(model, variables, ideal, calib, variant, stats,
-                                       tune_batch, mode="layers").tune
+            tuned = selftune.self_tune(model, variables, ideal, calib, variant,
+                                       stats, tune_batch, mode="layers").tune
             nominal_tuned = _nominal_metrics(model, with_tune(variables, tuned), xs, ys, ms,
                                              n)[0]
     cost = tuning.cost(model) if tuning is not None else None
