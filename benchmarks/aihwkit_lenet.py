@@ -17,6 +17,9 @@ Smoke run (random weights and images, prints 2 chips' accuracies)::
 
     OMP_WAIT_POLICY=PASSIVE <aihwkit python> benchmarks/aihwkit_lenet.py --smoke
 
+Accuracy comparison: ``benchmarks/aihwkit_lenet_compare.py`` (pimjax env) exports trained
+weights and calls this script's ``--evaluate`` under aihwkit's Python.
+
 Layout check (pimjax's float LeNet-5 logits vs this model with a perfect periphery)::
 
     PYTHONPATH=. python benchmarks/aihwkit_lenet.py --export /tmp/lenet.npz
@@ -49,16 +52,19 @@ def default_rpu_config(per_column: bool = False, bound_management: bool = False,
     return cfg
 
 
-def act_quant(bits: int, clip: float, signed: bool = False):
-    """pimjax's activation quantizer (``quant.quantize_activations``) as a torch module."""
+def act_quant(bits: int, hi: float, lo: float | None = None):
+    """pimjax's activation quantizers as a torch module: ``quant.quantize_activations``
+    (``2^b`` levels over ``[0, hi]``) or, given ``lo``, ``quant.quantize_affine`` (``2^b``
+    levels over ``[lo, hi]``, the signed first layer's)."""
     import torch
 
-    levels = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
-    step, lo = clip / levels, (-levels if signed else 0)
+    levels = 2**bits - 1
+    base = 0.0 if lo is None else lo
+    step = max(hi - base, 1e-8) / levels if lo is not None else hi / levels
 
     class ActQuant(torch.nn.Module):
         def forward(self, x):
-            return step * torch.round(torch.clamp(x / step, lo, levels))
+            return base + step * torch.round(torch.clamp((x - base) / step, 0, levels))
 
     return ActQuant()
 
@@ -67,7 +73,8 @@ def build_lenet(params: dict, rpu_config=None, act_bits: int | None = None):
     """An ``AnalogSequential`` LeNet-5 (NCHW input) holding ``params`` (pimjax layouts).
 
     ``act_bits`` inserts pimjax's input-activation quantizer before each analog layer, with the
-    clip ``params["<layer>/input_quant/act_max"]`` (the first layer's input is signed).
+    range ``params["<layer>/input_quant/act_max"]`` (and ``act_min`` for the first layer,
+    whose input is signed).
     """
     import torch
     from aihwkit.nn import AnalogConv2d, AnalogLinear, AnalogSequential
@@ -89,7 +96,8 @@ def build_lenet(params: dict, rpu_config=None, act_bits: int | None = None):
     def quant(layer, signed=False):
         if act_bits is None:
             return []
-        return [act_quant(act_bits, float(params[f"{layer}/input_quant/act_max"]), signed)]
+        lo = float(params[f"{layer}/input_quant/act_min"]) if signed else None
+        return [act_quant(act_bits, float(params[f"{layer}/input_quant/act_max"]), lo)]
 
     conv0 = AnalogConv2d(1, 6, 5, padding=2, bias=False, rpu_config=cfg)
     conv0.set_weights(p("AnalogConv_0/kernel").permute(3, 2, 0, 1))  # HWIO -> OIHW
@@ -186,18 +194,78 @@ def check(path: str) -> float:
     return float(np.abs(y - data["logits"]).max())
 
 
+def evaluate_file(path: str, out: str, chips: int, times, seed: int = 0,
+                  drift_compensation: bool = False) -> dict:
+    """(aihwkit side) Per-chip accuracies of the LeNet-5 in ``path`` at each read time.
+
+    ``path``: an ``.npz`` of flattened, already quantized pimjax variables, ``images`` (NHWC,
+    normalized), ``labels`` and ``act_bits`` (0: float activations), written by
+    ``benchmarks/aihwkit_lenet_compare.py``. Chip ``c`` at every time is programmed from
+    ``torch.manual_seed(seed + c)``; ``drift_compensation`` keeps aihwkit's global drift
+    compensation (the ``InferenceRPUConfig`` default). Writes ``{"nominal": acc, "t": [...],
+    "accuracy": [[...], ...]}`` (one list per time; ``nominal``: the unprogrammed model with a
+    perfect periphery) to ``out`` as JSON and returns it.
+    """
+    import json
+    import time
+
+    import torch
+
+    data = dict(np.load(path))
+    act_bits = int(data.pop("act_bits")) or None
+    images, labels = data.pop("images"), data.pop("labels")
+    perfect = default_rpu_config()
+    perfect.forward.is_perfect = True  # digital: no periphery, weights as given (no PCM)
+    x = torch.as_tensor(np.asarray(images, np.float32)).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        logits = build_lenet(data, perfect, act_bits)(x)
+    nominal = float((logits.argmax(1).numpy() == labels).mean())
+    print(f"aihwkit nominal (perfect periphery, unprogrammed): {nominal:.4f}", flush=True)
+    model = build_lenet(data, default_rpu_config(drift_compensation=drift_compensation),
+                        act_bits)
+    result = {"nominal": nominal, "t": [], "accuracy": [], "seconds": []}
+    for t in times:
+        start = time.perf_counter()
+        acc = evaluate(model, images, labels, chips, float(t), seed)
+        result["t"].append(float(t))
+        result["accuracy"].append(acc.tolist())
+        result["seconds"].append(time.perf_counter() - start)
+        print(f"aihwkit t={t:g} s: mean {acc.mean():.4f} std {acc.std(ddof=1):.4f} "
+              f"({time.perf_counter() - start:.0f} s)", flush=True)
+    with open(out, "w") as f:
+        json.dump(result, f)
+    return result
+
+
 def main(argv=None) -> int:
-    """Smoke run, or the two halves of the layout check."""
+    """Smoke run, the two halves of the layout check, or an evaluation of exported weights."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="random weights and images, 2 chips")
     p.add_argument("--export", metavar="NPZ", help="(pimjax env) write a random LeNet-5 check")
     p.add_argument("--check", metavar="NPZ", help="(aihwkit env) compare with an --export file")
+    p.add_argument("--evaluate", metavar="NPZ",
+                   help="(aihwkit env) per-chip accuracies of exported weights (see --out)")
+    p.add_argument("--out", metavar="JSON", help="where --evaluate writes its accuracies")
+    p.add_argument("--chips", type=int, default=100, help="chips per read time (--evaluate)")
+    p.add_argument("--times", default="1,86400,31536000",
+                   help="read times in seconds, comma-separated (--evaluate)")
+    p.add_argument("--seed", type=int, default=0, help="chip c is torch.manual_seed(seed + c)")
+    p.add_argument("--drift-compensation", action="store_true",
+                   help="keep aihwkit's global drift compensation (--evaluate)")
     args = p.parse_args(argv)
     if args.export:
         export_check(args.export)
         return 0
     if args.check:
         print(f"max |logit diff| pimjax vs aihwkit (perfect periphery): {check(args.check):.3g}")
+        return 0
+    if args.evaluate:
+        if not args.out:
+            print("error: --evaluate needs --out JSON", file=sys.stderr)
+            return 2
+        times = [float(t) for t in args.times.split(",") if t.strip()]
+        evaluate_file(args.evaluate, args.out, args.chips, times, args.seed,
+                      args.drift_compensation)
         return 0
     if not args.smoke:
         print("error: pass --smoke, --export NPZ or --check NPZ", file=sys.stderr)

@@ -1,7 +1,8 @@
 """Monte-Carlo sweep throughput: evaluate_chips against a one-chip loop, a shared forward, sgemm.
 
-For each model and each split of chips x images it prints chip-images/s and effective
-GFLOP/s (conv/dense multiply-adds x 2) of
+For each model, device (``--devices``: the paper's variability and/or aihwkit's PCM with its
+periphery) and split of chips x images it prints chip-images/s and effective GFLOP/s
+(conv/dense multiply-adds x 2) of
 
   (a) pimjax.montecarlo.evaluate_chips (chunked, chip-batched, compiled before timing),
   (b) a jitted one-chip-at-a-time loop (sample chip, forward, count; one call per chip and
@@ -14,6 +15,7 @@ and the process's peak RSS. All figures of a table come from one run.
 
     python benchmarks/montecarlo.py                        # LeNet-5 splits + ResNet-20, reduced
     python benchmarks/montecarlo.py --lenet-splits 1000x10000 --resnet-splits 64x1000  # full
+    python benchmarks/montecarlo.py --devices paper,pcm --lenet-splits 100x1000 --resnet-splits ''
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ import numpy as np
 from pimjax import data, devices, introspect, layers, montecarlo, runtime
 from pimjax.models import get_model
 
-DEVICE = devices.paper(sigma_within=0.2, sigma_between=0.1)
+DEVICES = {"paper": devices.paper(sigma_within=0.2, sigma_between=0.1),
+           "pcm": devices.pcm(), "pcm-compensated": devices.pcm(drift_compensation=True)}
+READ_TIME = 86400.0  # s: the chips are read one day after programming (drift matters for pcm)
 
 
 def parse_splits(text: str) -> list[tuple[int, int]]:
@@ -70,14 +74,15 @@ def sgemm_gflops(n: int = 4096, repeat: int = 3) -> float:
     return 2 * n**3 / best_of(lambda: f(a, a).block_until_ready(), repeat) / 1e9
 
 
-def loop_rate(model, variables, images, labels, loop_chips: int, repeat: int) -> float:
+def loop_rate(model, variables, device, images, labels, loop_chips: int, repeat: int) -> float:
     """(b): chip-images/s of a jitted one-chip-at-a-time loop."""
     template = introspect.analog_kernels(variables)
 
     @jax.jit
     def correct(v, key, x, y):
-        chip = devices.sample_chip(key, DEVICE, template)
-        return jnp.sum(jnp.argmax(model.apply(layers.with_chip(v, chip), x), -1) == y)
+        chip = devices.at_time(devices.sample_chip(key, device, template), READ_TIME)
+        logits = model.apply(layers.with_chip(v, chip), x, rngs={"read": key})
+        return jnp.sum(jnp.argmax(logits, -1) == y)
 
     batch = min(1000, images.shape[0])
     starts = range(0, images.shape[0], batch)
@@ -107,28 +112,36 @@ def shared_rate(model, variables, images, repeat: int) -> float:
     return images.shape[0] / t
 
 
-def sweep_rate(model, variables, images, labels, chips: int, budget: int, repeat: int):
+def sweep_rate(model, variables, device, images, labels, chips: int, budget: int, repeat: int):
     """(a): chip-images/s of evaluate_chips, its plan and XLA's memory estimate of one chunk."""
-    plan = montecarlo.plan_chunks(model, chips, images.shape[0], device=DEVICE,
+    plan = montecarlo.plan_chunks(model, chips, images.shape[0], device=device,
                                   budget_bytes=budget, num_devices=len(jax.devices()))
     kw = dict(chips_per_chunk=plan.chips, images_per_chunk=plan.images, nominal=False,
-              progress=False, budget_bytes=budget)
+              progress=False, budget_bytes=budget, t=READ_TIME)
     # compile on one chunk of the same shapes, then time the whole sweep
-    warm = montecarlo.evaluate_chips(model, variables, DEVICE, jax.random.PRNGKey(1), plan.chips,
+    warm = montecarlo.evaluate_chips(model, variables, device, jax.random.PRNGKey(1), plan.chips,
                                      (images[:plan.images], labels[:plan.images]), **kw)
     del warm
     t = best_of(lambda: montecarlo.evaluate_chips(
-        model, variables, DEVICE, jax.random.PRNGKey(1), chips, (images, labels), **kw), repeat)
-    return chips * images.shape[0] / t, plan, xla_chunk_bytes(model, variables, plan)
+        model, variables, device, jax.random.PRNGKey(1), chips, (images, labels), **kw), repeat)
+    return chips * images.shape[0] / t, plan, xla_chunk_bytes(model, variables, device, plan)
 
 
-def xla_chunk_bytes(model, variables, plan) -> int | None:
+def xla_chunk_bytes(model, variables, device, plan) -> int | None:
     """XLA's peak estimate (temporaries + arguments + outputs) of one chunk's chip-batch forward
     on one device (``plan.chips / num_devices`` chips)."""
     per_device = plan.chips // plan.num_devices
     template = introspect.analog_kernels(variables)
-    chip = jax.eval_shape(lambda k: devices.sample_chips(k, DEVICE, template, per_device),
-                          jax.random.PRNGKey(0))
+
+    def sample(k):
+        chip = devices.sample_chips(k, device, template, per_device)
+        if not device.needs_key:
+            return chip
+        ids = jnp.arange(plan.images, dtype=jnp.uint32)
+        return devices.with_read_keys(chip, devices.read_keys(
+            devices.chip_keys(k, per_device), ids))
+
+    chip = jax.eval_shape(sample, jax.random.PRNGKey(0))
     x = jax.ShapeDtypeStruct((plan.images, *model.input_shape), jnp.float32)
     fn = jax.jit(lambda v, c, x: montecarlo.chip_logits(model, v, c, x, mode=plan.mode))
     try:
@@ -155,17 +168,19 @@ def run_model(name, splits, args, peak_gflops) -> list[dict]:
     print(f"\n{name} {args.quant}: {flops / 1e6:.2f} MFLOP/image, chip mode "
           f"'{introspect.chip_mode(model)}', {len(jax.devices())} device(s)")
     rows = []
-    for chips, n in splits:
+    for (chips, n), dev_name in [(s, d) for s in splits for d in args.devices]:
+        device = DEVICES[dev_name]
         x, y = images[:n], labels[:n]
-        a, plan, xla_bytes = sweep_rate(model, variables, x, y, chips, args.budget, args.repeat)
-        b = loop_rate(model, variables, x, y, min(chips, args.loop_chips), args.repeat)
+        a, plan, xla_bytes = sweep_rate(model, variables, device, x, y, chips, args.budget,
+                                        args.repeat)
+        b = loop_rate(model, variables, device, x, y, min(chips, args.loop_chips), args.repeat)
         c = shared_rate(model, variables, x, args.repeat)
-        row = dict(model=name, chips=chips, images=n, a=a, b=b, c=c, plan=plan,
+        row = dict(model=name, device=dev_name, chips=chips, images=n, a=a, b=b, c=c, plan=plan,
                    xla_bytes=xla_bytes)
         rows.append(row)
         gf = lambda r: r * flops / 1e9  # noqa: E731
-        print(f"  {chips:>5d} chips x {n:>5d} images  chunk {plan.chips}x{plan.images}"
-              f" ({plan.mode})")
+        print(f"  {dev_name}: {chips:>5d} chips x {n:>5d} images  chunk "
+              f"{plan.chips}x{plan.images} ({plan.mode})")
         print(f"    (a) evaluate_chips  {a:10.0f} chip-img/s {gf(a):6.2f} GFLOP/s")
         print(f"    (b) one-chip loop   {b:10.0f} chip-img/s {gf(b):6.2f} GFLOP/s")
         print(f"    (c) shared forward  {c:10.0f}      img/s {gf(c):6.2f} GFLOP/s")
@@ -186,12 +201,19 @@ def main(argv=None):
     p.add_argument("--resnet-splits", default="16x500",
                    help="chips x images for ResNet-20 on CIFAR-10 (full: 64x1000); '' skips")
     p.add_argument("--quant", default="A8W4")
+    p.add_argument("--devices", default="paper",
+                   help=f"comma list of devices to time, of {tuple(DEVICES)} (read at 1 day)")
     p.add_argument("--loop-chips", type=int, default=20, help="chips timed for (b)")
     p.add_argument("--repeat", type=int, default=1, help="timed repeats (best of)")
     p.add_argument("--budget-mb", type=int, default=1024, help="memory budget per device")
     p.add_argument("--data-dir", default=None,
                    help="folder with CIFAR-10 for ResNet-20 (default: $PIMJAX_DATA_DIR)")
     args = p.parse_args(argv)
+    args.devices = [d.strip() for d in args.devices.split(",") if d.strip()]
+    unknown = sorted(set(args.devices) - set(DEVICES))
+    if unknown or not args.devices:
+        p.error(f"--devices {unknown or args.devices} unknown: use a comma list of "
+                f"{tuple(DEVICES)}")
     runtime.configure()
     args.budget = args.budget_mb * 2**20
     peak = sgemm_gflops()
@@ -202,12 +224,18 @@ def main(argv=None):
         rows += run_model("lenet5", parse_splits(args.lenet_splits), args, peak)
     if args.resnet_splits:
         rows += run_model("resnet20", parse_splits(args.resnet_splits), args, peak)
-    print("\nsummary (chip-images/s): model, chips x images, a, b, c, a/b, a/c, a/d")
+    print("\nsummary (chip-images/s): model, device, chips x images, a, b, c, a/b, a/c, a/d")
     for r in rows:
         flops = introspect.forward_flops(get_model(r["model"], quant=args.quant))
-        print(f"  {r['model']:9s} {r['chips']:>5d}x{r['images']:<6d} {r['a']:9.0f} {r['b']:9.0f} "
-              f"{r['c']:9.0f}  {r['a'] / r['b']:5.2f} {r['a'] / r['c']:5.2f} "
-              f"{r['a'] * flops / 1e9 / peak:6.3f}")
+        print(f"  {r['model']:9s} {r['device']:16s} {r['chips']:>5d}x{r['images']:<6d} "
+              f"{r['a']:9.0f} {r['b']:9.0f} {r['c']:9.0f}  {r['a'] / r['b']:5.2f} "
+              f"{r['a'] / r['c']:5.2f} {r['a'] * flops / 1e9 / peak:6.3f}")
+    base = {(r["model"], r["chips"], r["images"]): r["a"] for r in rows if r["device"] == "paper"}
+    for r in rows:
+        ref = base.get((r["model"], r["chips"], r["images"]))
+        if r["device"] != "paper" and ref:
+            print(f"  {r['model']} {r['chips']}x{r['images']}: {r['device']} runs at "
+                  f"{r['a'] / ref:.2f}x the paper device's chip-images/s")
 
 
 if __name__ == "__main__":

@@ -7,11 +7,18 @@ at every evaluation sigma on --chips chips (the same chips for every model); the
 take each method at its matched cell (ptq/qavat trained at the evaluated sigma). Finished
 runs and evaluations are reused, so an interrupted sweep continues.
 
+The trainings and evaluations are independent cells (experiments/grid.py): --shard I/N
+computes every N-th of them (e.g. one job of a SLURM array each), and the shard that
+finishes last, or a later --merge, writes the tables; a multi-process run
+(--coordinator/--num-processes/--process-id) shares them between its processes.
+
     python experiments/claim1_training.py --smoke                   # seconds (tests)
     python experiments/claim1_training.py                           # LeNet-5/MNIST, CPU-sized
     python experiments/claim1_training.py --dataset fashion_mnist   # LeNet-5/Fashion-MNIST
     python experiments/claim1_training.py --setup vgg11-narrow      # CIFAR-10
     python experiments/claim1_training.py --setup vgg11             # the paper's sizes (GPU)
+    python experiments/claim1_training.py --shard 0/2 & python experiments/claim1_training.py \\
+        --shard 1/2; wait                                           # two jobs, tables merged
 
 Writes claim1.json/.csv (every model x eval sigma), claim1_tables.txt and claim1.png into
 --out, and one JSON per evaluation into <out>/evals/.
@@ -20,14 +27,15 @@ Writes claim1.json/.csv (every model x eval sigma), claim1_tables.txt and claim1
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 import time
 from pathlib import Path
 from typing import Annotated
 
 import common
+import grid
 
-from pimjax import cli, files
+from pimjax import cli, distributed, files
 from pimjax.configs import claims, setups
 from pimjax.devices import VariabilityModel
 
@@ -75,15 +83,6 @@ def _ptq_config(c, quant, sigma, calib_batches):
                                              calib_batches=calib_batches)
 
 
-def _materialize(run: Planned, runs_dir: Path, progress: bool) -> common.Run:
-    """Train (or reuse) a planned run (for ptq, its float source first)."""
-    config = run.config
-    if run.method == "ptq":
-        source = common.train_or_load(run.source, runs_dir, progress)
-        config = config(source.workdir)
-    return common.train_or_load(config, runs_dir, progress)
-
-
 def evaluations(c: claims.Claim1, run: Planned):
     """The (eval sigma, chips) this run is evaluated at (sigma 0: the nominal model once)."""
     for s in c.evaluated_sigmas:
@@ -98,46 +97,87 @@ def plan_text(c: claims.Claim1) -> str:
     trainings = {common.run_name(r.config) for r in plan if r.method != "ptq"}
     trainings |= {common.run_name(r.source) for r in plan if r.method == "ptq"}
     n_test = common.dataset_size(c, "test")
-    chip_images = sum(chips * n_test for r in plan for _, chips in evaluations(c, r))
+    evals = [chips for r in plan for _, chips in evaluations(c, r)]
+    chip_images = sum(evals) * n_test
     config = c.train_config("qat", f"W{c.bits[0]}A{c.act_bits}")  # FLOPs: any bit width
     model = config.model.build(config.num_classes, config.quant)
+    which = ("each ptq/qavat model at its training sigma, qat at every sigma" if c.matched_only
+             else f"{len(plan)} models x {len(c.evaluated_sigmas)} sigma(s)")
     return (f"plan: {len(trainings)} trainings of {c.epochs} epoch(s) x "
             f"{common.dataset_size(c, 'train')} images, {sum(r.method == 'ptq' for r in plan)} "
-            f"ptq calibrations, {len(plan)} models evaluated at {len(c.evaluated_sigmas)} "
-            f"sigma(s) on {c.chips} chips x {n_test} test images\n"
-            + common.estimate(model, len(trainings), c.epochs * common.dataset_size(c, "train"),
+            f"ptq calibrations, {len(evals)} evaluations ({which}) on {c.chips} chips x "
+            f"{n_test} test images, A{c.act_bits}\n"
+            + common.estimate(model, len(trainings), c.epochs * common.dataset_size(c, 'train'),
                               chip_images))
 
 
-def evaluate_grid(c: claims.Claim1, out: Path, runs_dir: Path, progress: bool = True
-                  ) -> list[dict]:
-    """Train every planned model and evaluate it at the evaluation sigmas; return rows."""
-    test = common.load_split(c.dataset_name, "test", c.data_dir, c.test_images)
+def source_dir(run: Planned, runs_dir: Path) -> Path:
+    """The run folder of a ptq run's float source."""
+    return Path(runs_dir) / common.run_name(run.source)
+
+
+def run_config(run: Planned, runs_dir: Path):
+    """A planned run's TrainConfig (ptq: pointing at its float source's folder)."""
+    return run.config(source_dir(run, runs_dir)) if run.method == "ptq" else run.config
+
+
+def plan_cells(c: claims.Claim1, out: Path, runs_dir: Path, progress: bool = True
+               ) -> list[grid.Cell]:
+    """The grid's cells: every training (shared ones once, float sources before their ptq
+    runs), then every (model, evaluation sigma) in table order."""
+    plan = plan_runs(c)
+    n_test = common.dataset_size(c, "test")
     key = common.chip_key(c.seed)  # the same chips for every model
-    cache = out / "evals"
-    rows = []
-    for run in plan_runs(c):
-        trained = _materialize(run, runs_dir, progress)
+
+    @functools.cache
+    def test():
+        return common.load_split(c.dataset_name, "test", c.data_dir, c.test_images)
+
+    @functools.cache
+    def trained(name: str) -> common.Run:
+        run = next(r for r in plan if common.run_name(run_config(r, runs_dir)) == name)
+        if run.method == "ptq":  # its float source first (trained, or waited for)
+            common.ensure_trained(run.source, runs_dir, progress)
+        return common.train_or_load(run_config(run, runs_dir), runs_dir, progress)
+
+    def evaluate(run: Planned, name: str, s: float, chips: int) -> dict:
+        model = trained(name)
+        ev = common.evaluate(model.model, model.variables, VariabilityModel(s), key, chips,
+                             test())
+        sm = ev.summary
+        return {"method": run.method, "bits": run.bits, "act_bits": c.act_bits,
+                "train_sigma": run.train_sigma, "eval_sigma": s, "mean": sm["mean"],
+                "se": sm["se"], "p5": sm["p5"], "std": sm["std"], "min": sm["min"],
+                "nominal": sm["nominal"], "chips": sm["chips"],
+                "test_images": ev.num_images, "run": model.workdir.name,
+                "dataset": c.dataset_name, "train_images": model.summary.get("train_images"),
+                "seconds": round(ev.seconds, 1), "chip_accuracy": ev.accuracy.tolist(),
+                "image_accuracy": ev.image_accuracy.tolist()}
+
+    trainings: dict[str, grid.Cell] = {}
+    for run in plan:
+        if run.method == "ptq":
+            trainings.setdefault(common.run_name(run.source),
+                                 common.training_cell(run.source, runs_dir, progress))
+        config = run_config(run, runs_dir)
+        trainings.setdefault(common.run_name(config), common.training_cell(
+            config, runs_dir, progress, run.source if run.method == "ptq" else None))
+    cells = list(trainings.values())
+    for run in plan:
+        name = common.run_name(run_config(run, runs_dir))
         for s, chips in evaluations(c, run):
-            path = cache / f"{trained.workdir.name}__s{s:g}_c{chips}_i{len(test)}.json"
-            if path.exists():
-                row = json.loads(path.read_text())
-            else:
-                ev = common.evaluate(trained.model, trained.variables, VariabilityModel(s), key,
-                                     chips, test)
-                sm = ev.summary
-                row = {"method": run.method, "bits": run.bits, "act_bits": c.act_bits,
-                       "train_sigma": run.train_sigma, "eval_sigma": s, "mean": sm["mean"],
-                       "p5": sm["p5"], "std": sm["std"], "min": sm["min"],
-                       "nominal": sm["nominal"], "chips": sm["chips"],
-                       "test_images": ev.num_images, "run": trained.workdir.name,
-                       "dataset": c.dataset_name,
-                       "train_images": trained.summary.get("train_images")}
-                files.write_json(path, row)
-            if run.method == "qat" and "qat" not in c.methods:
-                row = dict(row, method="qat(qavat@0)")
-            rows.append(row)
-    return rows
+            spec = {"run": name, "eval_sigma": s, "chips": chips, "test_images": n_test,
+                    "dataset": c.dataset_name, "chip_seed": c.seed}
+            label = f"{name}__s{s:g}_c{chips}"
+            cells.append(grid.Cell(label, grid.cell_path(Path(out) / "evals", label, spec),
+                                   functools.partial(evaluate, run, name, s, chips), spec))
+    return cells
+
+
+def merged_rows(c: claims.Claim1, rows: list[dict]) -> list[dict]:
+    """The evaluation rows as the tables read them (qat trained for qavat at sigma 0 named so)."""
+    return [dict(r, method="qat(qavat@0)") if r["method"] == "qat" and "qat" not in c.methods
+            else r for r in rows]
 
 
 def matched(rows, method: str, bits: int, sigma: float) -> dict | None:
@@ -152,33 +192,52 @@ def matched(rows, method: str, bits: int, sigma: float) -> dict | None:
     return None
 
 
+def gain_se(best: dict, qavat: dict) -> float | None:
+    """Standard error of qavat's mean minus the best alternative's, paired over the same
+    chips and test images (None without the per-chip and per-image accuracies)."""
+    if any(k not in r for r in (best, qavat) for k in common.ARRAYS):
+        return None
+    return common.difference(qavat["chip_accuracy"], qavat["image_accuracy"],
+                             best["chip_accuracy"], best["image_accuracy"])[1]
+
+
 def tables(c: claims.Claim1, rows) -> dict:
-    """Matched-cell tables: {stat: {(bits, sigma): {method: value, 'gain': qavat - best alt}}}."""
+    """Matched-cell tables: {stat: {(bits, sigma): {method: value, 'gain': qavat - best alt,
+    'se': the gain's paired standard error (mean only, when the rows carry their arrays)}}}."""
     out = {}
     for stat in ("mean", "p5"):
         table = {}
         for bits in c.bits:
             for s in c.evaluated_sigmas:
-                cell = {}
+                cell, found = {}, {}
                 for m in c.methods:
                     r = matched(rows, m, bits, s)
                     if r is not None:
-                        cell[m] = r[stat]
-                alts = [v for m, v in cell.items() if m != "qavat"]
+                        cell[m], found[m] = r[stat], r
+                alts = [m for m in cell if m != "qavat"]
                 if "qavat" in cell and alts:
-                    cell["gain"] = cell["qavat"] - max(alts)
+                    best = max(alts, key=lambda m: cell[m])
+                    cell["gain"] = cell["qavat"] - cell[best]
+                    se = gain_se(found[best], found["qavat"]) if stat == "mean" else None
+                    if se is not None:
+                        cell["se"] = se
                 table[(bits, s)] = cell
         out[stat] = table
     return out
 
 
 def format_tables(c: claims.Claim1, tabs) -> str:
-    """The printed tables (accuracy in %)."""
-    cols = list(c.methods) + (["gain"] if "qavat" in c.methods and len(c.methods) > 1 else [])
+    """The printed tables (accuracy in %; se: the mean gain's paired standard error)."""
+    gain = "qavat" in c.methods and len(c.methods) > 1
     lines = []
     for stat, table in tabs.items():
+        cols = list(c.methods) + (["gain"] if gain else [])
+        if gain and any("se" in cell for cell in table.values()):
+            cols.append("se")
         lines.append(f"{stat} accuracy (%) over {c.chips} chips, each method at its matched "
-                     f"cell; gain = qavat - best alternative")
+                     f"cell; gain = qavat - best alternative"
+                     + ("; se = its standard error, paired over chips and images"
+                        if "se" in cols else ""))
         head = f"{'bits':>5}{'sigma':>7}" + "".join(f"{col:>9}" for col in cols)
         lines += [head, "-" * len(head)]
         for (bits, s), cell in table.items():
@@ -217,22 +276,28 @@ def run(args: Args) -> tuple[list[dict], dict] | None:
     c, output = args.claim, args.output
     out, runs_dir = common.claim_out("claim1", c, output)
     setup = setups.get(c.setup)
-    if output.dry_run or setup.paper_size:
+    if (output.dry_run or setup.paper_size) and distributed.is_primary():
         print(plan_text(c), flush=True)
     if output.dry_run:
         return None
     start = time.perf_counter()
-    with files.run_lock(out):
-        rows = evaluate_grid(c, out, runs_dir, progress=output.progress and not c.smoke)
-        tabs = tables(c, rows)
+    cells = plan_cells(c, out, runs_dir,
+                       progress=output.progress and not c.smoke and distributed.is_primary())
+
+    def merge(rows: list[dict]) -> tuple[list[dict], dict]:
+        rows = merged_rows(c, rows)
+        tabs, rows = tables(c, rows), common.without_arrays(rows)
         common.write_results(out, "claim1", rows, common.meta(c, setup=setup))
         text = format_tables(c, tabs)
         files.write_text(out / "claim1_tables.txt", text)
         plot(c, tabs, out / "claim1.png")
-    print(text)
-    print(f"wrote {out}/claim1.json, claim1.csv, claim1_tables.txt, claim1.png "
-          f"({time.perf_counter() - start:.0f} s)")
-    return rows, tabs
+        print(text)
+        print(f"wrote {out}/claim1.json, claim1.csv, claim1_tables.txt, claim1.png "
+              f"({time.perf_counter() - start:.0f} s)")
+        return rows, tabs
+
+    return grid.run(cells, out, merge, shard=output.shard_spec,
+                    merge_only=output.merge, progress=output.progress)
 
 
 def main(argv=None):

@@ -11,7 +11,10 @@ accuracy drop against the nominal (variation-free) model.
     python experiments/claim2_between.py --dataset fashion_mnist
     python experiments/claim2_between.py --setup vgg11-narrow --sigma-total 0.3
 
-Writes claim2.json/.csv, claim2_table.txt and claim2.png into --out.
+Writes claim2.json/.csv, claim2_table.txt and claim2.png into --out, and one JSON per
+evaluation into <out>/evals/. The training and the evaluations are independent cells
+(experiments/grid.py): --shard I/N computes every N-th of them, and the shard that finishes
+last, or a later --merge, writes the tables.
 """
 
 from __future__ import annotations

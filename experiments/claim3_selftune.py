@@ -10,7 +10,9 @@ claim-2 model: with the same --runs folder it is trained once for both claims.
     python experiments/claim3_selftune.py                  # LeNet-5/MNIST, CPU-sized
     python experiments/claim3_selftune.py --tunes none channel bn --calib-images 128
 
-Writes claim3.json/.csv, claim3_table.txt and claim3.png into --out.
+Writes claim3.json/.csv, claim3_table.txt and claim3.png into --out, and one JSON per
+evaluation into <out>/evals/. --shard I/N and --merge split the cells over jobs as in
+claim 2 (experiments/grid.py).
 """
 
 from __future__ import annotations

@@ -18,6 +18,11 @@ and prints the table. Calibration images are the first --calib-images training i
         --sigma-within 0 0.1 0.2 0.3 --sigma-between 0 0.1 0.2
     python experiments/montecarlo.py --checkpoint runs/x --total 0.1 0.2 0.3 \\
         --between-fraction 0.5 --tune none gain channel bn paired
+
+Started once per process (--coordinator HOST:PORT --num-processes N --process-id I, or under
+SLURM / on a Cloud TPU slice without them), the chips are split over every device of every
+process; chip i is the same chip whatever the split, so the per-chip results are the same
+as one process's. Process 0 writes the files and prints (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from typing import Annotated
 import common
 import tyro
 
-from pimjax import cli, data, files, montecarlo, selftune
+from pimjax import cli, data, distributed, files, montecarlo, selftune
 from pimjax.configs import montecarlo as presets
 from pimjax.train import load_model
 
@@ -68,9 +73,11 @@ def load(args: Args):
     return model, variables, config, test, calib
 
 
-def nominal_stats(args: Args, model, variables, calib, out: Path, dataset: str):
+def nominal_stats(args: Args, model, variables, calib, out: Path, dataset: str,
+                  say=print):
     """The nominal statistics of these calibration images: read from a file saved with the
-    checkpoint or by an earlier sweep if one fits, else computed and saved in ``out``."""
+    checkpoint or by an earlier sweep if one fits, else computed and saved in ``out`` (by
+    the primary process)."""
     filename = f"nominal_stats_{dataset}_{len(calib)}.npz"
     for path in (Path(args.checkpoint) / filename, out / filename):
         if path.is_file():
@@ -79,12 +86,17 @@ def nominal_stats(args: Args, model, variables, calib, out: Path, dataset: str):
                 selftune.check_stats(model, stats)
             except ValueError:
                 continue
-            print(f"nominal stats: {path} ({stats.num_images} images)")
+            say(f"nominal stats: {path} ({stats.num_images} images)")
             return stats
     stats = selftune.nominal_stats(model, variables, calib)
-    path = selftune.save_stats(out / filename, stats)
-    print(f"nominal stats: computed on {stats.num_images} calibration images, saved to {path}")
+    if distributed.is_primary():
+        path = selftune.save_stats(out / filename, stats)
+        say(f"nominal stats: computed on {stats.num_images} calibration images, saved to {path}")
     return stats
+
+
+def _quiet(*args, **kwargs) -> None:
+    """print() of the processes other than process 0."""
 
 
 def run(args: Args) -> list[dict]:
@@ -92,14 +104,16 @@ def run(args: Args) -> list[dict]:
     sweep = args.sweep
     out = args.out or Path(args.checkpoint) / "mc"
     progress = args.progress and not sweep.smoke
-    with files.run_lock(out):
+    primary = distributed.is_primary()
+    say = print if primary else _quiet
+    with distributed.shared_run_lock(out):
         model, variables, config, test, calib = load(args)
         stats = None
         if any(t in selftune.NEEDS_STATS for t in sweep.tune):
-            stats = nominal_stats(args, model, variables, calib, out, test.name)
+            stats = nominal_stats(args, model, variables, calib, out, test.name, say)
         budget = None if sweep.budget_mb is None else sweep.budget_mb * 2**20
         key = common.chip_key(sweep.seed)
-        print(f"{config.model.name} {config.quant.name} ({config.train_method}) on {test.tag}: "
+        say(f"{config.model.name} {config.quant.name} ({config.train_method}) on {test.tag}: "
               f"{len(test)} test images, {sweep.chips} chips")
         rows, per_chip, chip_acc = [], [], {}
         for setting in sweep.settings():
@@ -126,10 +140,12 @@ def run(args: Args) -> list[dict]:
                 per_chip += [dict(sigma_within=vm.sigma_within, sigma_between=vm.sigma_between,
                                   tune=variant, chip=i, accuracy=a, loss=lo)
                              for i, (a, lo) in enumerate(zip(ev.accuracy, ev.loss, strict=True))]
-                print(f"  within {vm.sigma_within:.3f} between {vm.sigma_between:.3f} "
+                say(f"  within {vm.sigma_within:.3f} between {vm.sigma_between:.3f} "
                       f"{variant:11s} mean {100 * s['mean']:6.2f}  p5 {100 * s['p5']:6.2f}  "
                       f"min {100 * s['min']:6.2f}  drop {100 * s['drop_mean']:6.2f}  "
                       f"({rows[-1]['seconds']:.1f}s)", flush=True)
+        if not primary:
+            return rows
         files.write_csv(out / "summary.csv", rows)
         files.write_json(out / "summary.json", {
             "meta": common.meta(sweep, checkpoint=args.checkpoint, dataset=test.name,

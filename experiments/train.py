@@ -14,6 +14,11 @@ flags start from (see pimjax.configs.setups).
 
 Writes config.json, metrics.json/metrics.csv and orbax checkpoints (checkpoints/, best/) into
 --out; --resume continues an interrupted run from its last checkpoint.
+
+Data-parallel over every device of every process: started once per process with
+--coordinator HOST:PORT --num-processes N --process-id I (or under SLURM / on a Cloud TPU
+slice, without them), each process reads its own rows of every batch; --out must be a
+folder every process sees. Process 0 writes the files and prints (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Annotated
 import common
 import tyro
 
-from pimjax import cli
+from pimjax import cli, distributed
 from pimjax.configs import setups
 from pimjax.train import TrainConfig, train
 
@@ -44,7 +49,7 @@ class Args:
     stop_after: int | None = None
     """stop after this many epochs in this call (continue later with --resume)"""
     devices: int | None = None
-    """local devices for data parallelism (default: all)"""
+    """devices per process for data parallelism (default: all)"""
     progress: bool = True
     """progress bars and per-epoch lines (--no-progress: quiet)"""
     smoke: bool = False
@@ -72,13 +77,16 @@ def run(args: Args) -> dict:
     """Train, print and return the final metrics."""
     config = args.config
     setup = setups.get(args.setup)
-    if setup.paper_size:
+    primary = distributed.is_primary()
+    if setup.paper_size and primary:
         model = config.model.build(config.num_classes, config.quant)
         n = config.data.train_images or config.data.info.train_size
         print(common.estimate(model, 1, n * config.optim.epochs, 0), flush=True)
     result = train(config, workdir=args.out, resume=args.resume, stop_after=args.stop_after,
                    num_devices=args.devices, progress=args.progress)
     final = result.summary
+    if not primary:
+        return final
     print(f"\n{config.model.name} / {config.data.name} / {config.train_method} "
           f"{config.quant.name} sigma_within={config.device.sigma_within} "
           f"sigma_between={config.device.sigma_between}")

@@ -74,11 +74,13 @@ class CheckpointStore:
                                   train=ocp.args.StandardSave(train),
                                   meta=ocp.args.JsonSave(meta))
         last, best_mgr = self._managers()
-        last.save(epoch, args=args, force=True)
-        last.wait_until_finished()
-        if best:
-            best_mgr.save(epoch, args=args, force=True)
-            best_mgr.wait_until_finished()
+        for mgr in (last, best_mgr) if best else (last,):
+            # An epoch saved before is replaced: a run resumed past a damaged checkpoint (or
+            # from before a best epoch) saves that epoch again.
+            if epoch in mgr.all_steps():
+                mgr.delete(epoch)
+            mgr.save(epoch, args=args, force=True)
+            mgr.wait_until_finished()
 
     def epochs(self) -> list[int]:
         """Epochs of the complete 'last' checkpoints, oldest first."""
@@ -160,16 +162,20 @@ def restore_variables(path: str | os.PathLike, target=None):
     """``(meta, variables)`` of a checkpoint, on the default device.
 
     ``target``: a pytree of ``jax.ShapeDtypeStruct`` of the variables (default: the saved
-    structure). Raises :class:`CheckpointError` naming a damaged checkpoint.
+    structure). Raises :class:`CheckpointError` naming a damaged checkpoint. In a
+    multi-process run each process reads on its own (no barrier with the others).
     """
     ckpt = checkpoint_dir(path)
     meta = read_meta(ckpt)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    me = jax.process_index()
+    reader = ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}))
     try:
         if target is not None:
             target = jax.tree.map(
                 lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), target)
-        variables = ocp.StandardCheckpointer().restore(ckpt / "variables", target)
+        variables = reader.restore(ckpt / "variables", target)
         jax.block_until_ready(variables)
     except Exception as e:  # orbax/TensorStore raise many types for a damaged file
         raise CheckpointError(f"checkpoint {ckpt} is damaged and cannot be read "

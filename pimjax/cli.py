@@ -16,7 +16,13 @@ a bad flag, ValueError, FileNotFoundError, a damaged checkpoint) or 1 (a run dir
 use, a diverged training), with no traceback. Every script also takes
 
 * ``--debug`` (or ``PIMJAX_DEBUG=1``): show the traceback instead;
-* ``--no-compile-cache`` (or ``PIMJAX_COMPILE_CACHE=0``): no persistent compilation cache.
+* ``--no-compile-cache`` (or ``PIMJAX_COMPILE_CACHE=0``): no persistent compilation cache;
+* ``--coordinator HOST:PORT --num-processes N --process-id I`` (:class:`Processes`): run as
+  process I of a multi-process run (see ``docs/distributed.md``). Without them, JAX's
+  auto-detection (SLURM, Open MPI, Cloud TPU) or one process. They are validated with the
+  other flags; :func:`run` then calls :func:`pimjax.distributed.initialize` before any JAX
+  computation, and ends a multi-process run's failed process with
+  :func:`pimjax.distributed.exit_now`, so that the others stop within the heartbeat timeout.
 
 ``default`` may be a function of the raw arguments, so that one flag can choose the other
 flags' defaults (``--setup vgg11`` the paper's epochs and chips, ``--smoke`` tiny sizes):
@@ -38,7 +44,7 @@ from typing import Annotated, Generic, TypeVar
 
 import tyro
 
-from pimjax import runtime
+from pimjax import distributed, runtime
 from pimjax.checkpoint import CheckpointError
 from pimjax.files import RunLockedError
 
@@ -60,10 +66,39 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 @dataclasses.dataclass(frozen=True)
+class Processes:
+    """How this process joins a multi-process run (all three flags, or none: auto-detection)."""
+
+    coordinator: str | None = None
+    """HOST:PORT of process 0, where the run's processes meet (multi-process runs)"""
+    num_processes: int | None = None
+    """processes of the run (with --coordinator and --process-id)"""
+    process_id: int | None = None
+    """this process's index, 0..N-1 (with --coordinator and --num-processes)"""
+    heartbeat_timeout: int = distributed.HEARTBEAT_TIMEOUT
+    """seconds after which a silent process is declared dead and the run stops"""
+
+    def __post_init__(self):
+        distributed.check_settings(self.coordinator, self.num_processes, self.process_id)
+        if isinstance(self.heartbeat_timeout, bool) or self.heartbeat_timeout < 1:
+            raise ValueError(f"--heartbeat-timeout={self.heartbeat_timeout} must be an integer "
+                             ">= 1 (seconds)")
+
+    def initialize(self) -> None:
+        """Join the run and open its connections (:func:`pimjax.distributed.initialize`,
+        :func:`pimjax.distributed.connect`); one process: nothing."""
+        distributed.initialize(self.coordinator, self.num_processes, self.process_id,
+                               heartbeat_timeout=self.heartbeat_timeout)
+        if jax_distributed():
+            distributed.connect()
+
+
+@dataclasses.dataclass(frozen=True)
 class Command(Generic[T]):
     """A script's own flags, plus the flags every pimjax script takes."""
 
     args: Annotated[T, _FLATTENED]
+    processes: Annotated[Processes, _FLATTENED] = Processes()
     debug: bool = False
     """show the traceback of an error (also PIMJAX_DEBUG=1)"""
     compile_cache: bool = True
@@ -135,7 +170,10 @@ def run(main: Callable[[T], R], cls: type[T], argv: Sequence[str] | None = None,
         description: str | None = None, prog: str | None = None) -> R:
     """Parse the flags, configure the process, run ``main(args)``; report user errors in one line.
 
-    Returns what ``main`` returns. Warnings print as ``warning: ...`` lines.
+    Returns what ``main`` returns. Warnings print as ``warning: ...`` lines. In a
+    multi-process run, a process whose ``main`` fails (any exception) reports it and ends at
+    once (:func:`pimjax.distributed.exit_now`); the others then stop within the heartbeat
+    timeout, most at once with their next collective's error.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = has_flag(argv, "--debug") or os.environ.get(DEBUG_ENV, "0") not in ("", "0")
@@ -146,11 +184,35 @@ def run(main: Callable[[T], R], cls: type[T], argv: Sequence[str] | None = None,
         try:
             command = parse(cls, argv, default=default, description=description, prog=prog)
             runtime.configure(compile_cache=command.compile_cache)
+            command.processes.initialize()
             return main(command.args)
-        except errors as e:
-            if debug:
+        except Exception as e:
+            status = BAD_INPUT_STATUS if isinstance(e, BAD_INPUT) else FAILURE_STATUS
+            if jax_distributed():  # any failure must end this process now
+                _fail_process(e, debug or not isinstance(e, errors), status)
+            if debug or not isinstance(e, errors):
                 raise
-            fail(one_line(e), BAD_INPUT_STATUS if isinstance(e, BAD_INPUT) else FAILURE_STATUS)
+            fail(one_line(e), status)
+
+
+def jax_distributed() -> bool:
+    """Whether this process is part of a multi-process run (jax.distributed started)."""
+    import jax
+
+    return jax.distributed.is_initialized()
+
+
+def _fail_process(error: BaseException, traceback: bool, status: int) -> typing.NoReturn:
+    """Report the failure of one process of a multi-process run and end it at once."""
+    import traceback as tb
+
+    import jax
+
+    if traceback:
+        tb.print_exception(error, file=sys.stderr)
+    print(f"error: process {jax.process_index()} of {jax.process_count()}: {one_line(error)}",
+          file=sys.stderr, flush=True)
+    distributed.exit_now(status)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -165,8 +227,9 @@ _FIELD = re.compile(r"Error parsing ([A-Za-z_][\w.]*):")
 
 
 def _flattened_names(cls) -> set[str]:
-    """Names of the (nested) dataclass fields whose flags carry no prefix, plus ``args``."""
-    names, todo, seen = {"args"}, [cls], set()
+    """Names of the (nested) dataclass fields whose flags carry no prefix, plus the
+    :class:`Command` fields ``args`` and ``processes``."""
+    names, todo, seen = {"args", "processes"}, [cls], set()
     while todo:
         kind = todo.pop()
         if not dataclasses.is_dataclass(kind) or kind in seen:

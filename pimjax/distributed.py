@@ -32,6 +32,7 @@ dead process (the bounds above).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -43,6 +44,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from pimjax import files
 
 # Seconds without a heartbeat after which a process is declared dead and the others abort
 # (jax's default is 100 s). Heartbeats come from a background thread, so long computations
@@ -156,6 +159,23 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                  num_processes, coordinator)
 
 
+def connect() -> None:
+    """Open the connections of collectives over every device now, while the processes are in
+    step (one process: nothing). Call it right after :func:`initialize`; it starts JAX's
+    backends.
+
+    jax 0.10 on CPU opens gloo's connections for a set of devices at the first collective
+    over them, and that first collective fails (``Gloo context initialization failed:
+    DEADLINE_EXCEEDED: GetKeyValue() timed out ... 30 s``) when the processes reach it more
+    than 30 s apart, e.g. when one of them compiles or loads data slower. Once open, later
+    collectives over the same devices may be reached any time apart (measured: 45 s).
+    """
+    if jax.process_count() == 1:
+        return
+    mesh = make_mesh("connect")
+    to_host(jax.jit(lambda a: a.sum())(shard_rows(np.ones(mesh.size, np.float32), mesh)))
+
+
 def exit_now(code: int) -> NoReturn:
     """End this process with ``code``; in a multi-process run skip JAX's exit barrier.
 
@@ -198,9 +218,55 @@ def make_mesh(axis: str, devices=None) -> Mesh:
     return Mesh(np.array(devices), (axis,))
 
 
-def is_primary() -> bool:
-    """True in the process that writes files and prints (process 0; the only one if alone)."""
-    return jax.process_index() == 0
+def mesh_processes(mesh: Mesh) -> tuple[int, ...]:
+    """The indices of the processes that own a device of ``mesh``, in increasing order."""
+    return tuple(sorted({d.process_index for d in mesh.devices.flat}))
+
+
+def is_primary(mesh: Mesh | None = None) -> bool:
+    """True in the process that writes files and prints: process 0 (the only one if alone).
+
+    With ``mesh``: the lowest-numbered process of that mesh.
+    """
+    if mesh is None:
+        return jax.process_index() == 0
+    return jax.process_index() == mesh_processes(mesh)[0]
+
+
+def agree(flag: bool) -> bool:
+    """Process 0's ``flag`` in every process (a collective: every process must call it)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(bool(flag))))
+
+
+@contextlib.contextmanager
+def shared_run_lock(directory, name: str | None = None):
+    """:func:`pimjax.files.run_lock` on ``directory`` for all the processes of a run.
+
+    Only process 0 takes the lock; in a multi-process run the others learn whether it got
+    it (a collective: every process must enter) and raise the same
+    :class:`pimjax.files.RunLockedError` if it did not. So the processes of one run never
+    refuse each other, and a second run on the directory is refused in all of them.
+    """
+    if jax.process_count() == 1:
+        with files.run_lock(directory, name):
+            yield
+        return
+    lock = files.run_lock(directory, name) if is_primary() else contextlib.nullcontext()
+    try:
+        lock.__enter__()
+    except files.RunLockedError:
+        agree(False)
+        raise
+    try:
+        if not agree(True):
+            raise files.RunLockedError(f"{directory} is in use by another run (process 0 could "
+                                       "not lock it): wait for it to finish, or choose another "
+                                       "output directory")
+        yield
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def _axis(mesh: Mesh) -> str:

@@ -97,22 +97,25 @@ def jsonable(obj):
 
 
 @contextlib.contextmanager
-def run_lock(directory: str | os.PathLike):
+def run_lock(directory: str | os.PathLike, name: str | None = None, wait: bool = False):
     """Hold an exclusive lock on ``directory`` (created if need be) for the ``with`` block.
 
-    Raises :class:`RunLockedError` at once if another live process holds it.
+    Raises :class:`RunLockedError` at once if another live process holds it; with ``wait``,
+    blocks until that process releases it instead. ``name``: a separate lock in the same
+    directory (its file ``.pimjax-<name>.lock``), e.g. one per shard of a sweep.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / LOCK_FILE
+    path = directory / (LOCK_FILE if name is None else f".pimjax-{name}.lock")
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            what = directory if name is None else f"{directory} ({name})"
             raise RunLockedError(
-                f"{directory} is in use by another run ({holder}): wait for it to finish, or "
+                f"{what} is in use by another run ({holder}): wait for it to finish, or "
                 "choose another output directory") from None
         stale = os.pread(fd, 200, 0).decode(errors="replace").strip()
         if stale:  # a holder that died without releasing: the kernel dropped its flock

@@ -14,6 +14,11 @@ per chunk and any device count. Image chunks are at least ``MIN_IMAGES_PER_CHUNK
 (padded and masked), because XLA's CPU GEMM rounds differently for fewer rows; above that
 the logits are bit-identical too (tested). Correct counts are exact; per-chip losses are
 float32 sums per chunk added in float64, so they agree to float tolerance (~1e-7 relative).
+
+Several processes: in a multi-process run (:mod:`pimjax.distributed`) the default mesh spans
+every device of every process, each process computes its devices' chips, and every process
+gets all per-chip results (the same bits as one process with as many devices in total);
+only process 0 shows progress.
 """
 
 from __future__ import annotations
@@ -37,7 +42,6 @@ from pimjax.layers import with_chip, with_tune
 from pimjax.progress import progress_bar
 
 AXIS = "chips"
-EVAL_READS, TUNE_READS = 0, 1  # read-key streams (pimjax.devices.read_keys)
 CPU_BUDGET_BYTES = 1 << 30  # default per-device budget on CPU
 ACCEL_BUDGET_FRACTION = 0.5  # default on GPU/TPU: this share of the device memory
 MAX_IMAGES_PER_CHUNK = 1000  # images per chunk when the budget leaves the choice open
@@ -160,7 +164,9 @@ def memory_per_chip(model, device: devices.Device, mode: str | None = None
     ``layers`` keeps a few live copies of the largest activation per chip-image; ``map``
     keeps the first analog layer's output (and its chip-major copy) per chip-image and one
     chip's working set per image. Per chip: the chip's state (its size from ``eval_shape`` of
-    the device's sampler) and two copies of the effective weights.
+    the device's sampler) and two copies of the effective weights. A device with a periphery
+    also keeps the largest layer's crossbar inputs (a conv's im2col patches: output positions
+    x kernel rows) per chip-image.
     """
     mode = mode or chip_mode(model)
     template = analog_kernels(introspect.abstract_variables(model))
@@ -171,6 +177,11 @@ def memory_per_chip(model, device: devices.Device, mode: str | None = None
     per_chip = state + 2 * 4 * weights
     largest = max(introspect.activation_sizes(model))
     working = 4 * (_ACTIVATION_COPIES * largest + math.prod(introspect.input_shape(model)))
+    if device.periphery is not None:
+        kernels = {"/".join(getattr(p, "key", str(p)) for p in path[:-1]): leaf.shape
+                   for path, leaf in jax.tree_util.tree_flatten_with_path(template)[0]}
+        working += 4 * max(layer.out_size // layer.features * math.prod(kernels[layer.name][:-1])
+                           for layer in introspect.analog_layers(model))
     if mode == "map":
         first = introspect.analog_layers(model)[0].out_size
         return int(2 * 4 * first), int(per_chip), int(working)
@@ -289,22 +300,25 @@ def _sample_step(mesh: Mesh, device: devices.Device):
     return _shard(sample, mesh, (P(AXIS), P(), P()), P(AXIS))
 
 
-def _with_reads(chip, keys, first_image, num_images, stream):
-    """The chip batch with the read keys of images ``first_image ..`` if its device needs them."""
-    layer = jax.tree_util.tree_leaves(chip, is_leaf=devices.is_chip_layer)[0]
-    if not layer.device.needs_key:
+def _with_reads(chip, keys, first_image, num_images):
+    """The chip batch with the evaluation read keys of images ``first_image ..`` if its device
+    needs them."""
+    if not devices.chip_device(chip).needs_key:
         return chip
     ids = first_image + jnp.arange(num_images, dtype=jnp.uint32)
-    return devices.with_read_keys(chip, devices.read_keys(keys, ids, stream))
+    return devices.with_read_keys(chip, devices.read_keys(keys, ids, devices.EVAL_READS))
 
 
 @functools.lru_cache(maxsize=32)
 def _tune_step(model, mesh: Mesh, variant: str, batch_size, mode: str):
     """Jitted, chip-sharded self-tuning of a chip batch."""
     def tune(variables, chip, keys, images, stats):
-        chip = _with_reads(chip, keys, jnp.uint32(0), images.shape[0], TUNE_READS)
+        reads = None
+        if devices.chip_device(chip).needs_key:  # chip c's calibration reads (TUNE_READS)
+            ids = jnp.arange(images.shape[0], dtype=jnp.uint32)
+            reads = devices.read_keys(keys, ids, devices.TUNE_READS)
         return selftune.solve_chips(model, variant, batch_size, variables, chip, images,
-                                    stats, mode)
+                                    stats, mode, reads)
 
     return _shard(tune, mesh, (P(), P(AXIS), P(AXIS), P(), P()), P(AXIS))
 
@@ -314,8 +328,7 @@ def _metrics_step(model, mesh: Mesh, mode: str):
     """Jitted, chip-sharded per-chip correct counts and loss sums on one image chunk."""
     def metrics(variables, chip, keys, valid, tune, xs, ys, ms, j):
         x, y, m = (jax.lax.dynamic_index_in_dim(a, j, keepdims=False) for a in (xs, ys, ms))
-        chip = _with_reads(chip, keys, (j * x.shape[0]).astype(jnp.uint32), x.shape[0],
-                           EVAL_READS)
+        chip = _with_reads(chip, keys, (j * x.shape[0]).astype(jnp.uint32), x.shape[0])
         return _metrics(chip_logits(model, variables, chip, x, tune, mode), y, m, valid)
 
     chips, rep = P(AXIS), P()
@@ -505,14 +518,15 @@ def evaluate_chips(model, variables, device: devices.Device, key, num_chips: int
     xs, ys, ms = _prepare_images(images, labels, plan.images)
     template = analog_kernels(variables)
     var_r, tmpl_r, xs_r, ys_r, ms_r = replicate((variables, template, xs, ys, ms), mesh)
+    calib_r = stats_r = None  # the mesh's copies (the nominal tuning below uses the host's)
     if calib is not None:
-        calib, stats = replicate((calib, stats), mesh)
+        calib_r, stats_r = replicate((calib, stats), mesh)
     sample_fn = _sample_step(mesh, device)
     tune_fn = None if variant is None else _tune_step(model, mesh, variant, tune_batch,
                                                       plan.mode)
     metrics_fn = _metrics_step(model, mesh, plan.mode)
     bar = progress_bar(plan.num_chip_chunks * (plan.num_image_chunks + (tune_fn is not None)),
-                       "chips", progress and is_primary(), unit="chunk")
+                       "chips", progress and is_primary(mesh), unit="chunk")
     correct = np.zeros(plan.num_chip_chunks * plan.chips, np.int64)
     loss = np.zeros(plan.num_chip_chunks * plan.chips, np.float64)
     per_image = np.zeros(plan.num_image_chunks * plan.images, np.int64)
@@ -522,7 +536,7 @@ def evaluate_chips(model, variables, device: devices.Device, key, num_chips: int
         chip = sample_fn(keys, tmpl_r, np.float32(t))
         tune = None
         if tune_fn is not None:
-            tune = tune_fn(var_r, chip, keys, calib, stats)
+            tune = tune_fn(var_r, chip, keys, calib_r, stats_r)
             bar.update(1)
         parts = []
         for j in range(plan.num_image_chunks):
@@ -540,10 +554,10 @@ def evaluate_chips(model, variables, device: devices.Device, key, num_chips: int
     nominal_acc = nominal_loss = nominal_tuned = None
     if nominal:
         nominal_acc, nominal_loss = _nominal_metrics(model, variables, xs, ys, ms, n)
-        if tuning is not None:  # the same tuning solved on the ideal chip
+        if tuning is not None:  # the same tuning solved on the ideal chip, in each process
             ideal = devices.sample_chip(key, devices.ideal(), template)
-            tuned = selftune.self_tune(model, variables, ideal, calib, variant, stats,
-                                       tune_batch, mode="layers").tune
+            tuned = selftune.self_tune(model, variables, ideal, calib, variant,
+                                       stats, tune_batch, mode="layers").tune
             nominal_tuned = _nominal_metrics(model, with_tune(variables, tuned), xs, ys, ms,
                                              n)[0]
     cost = tuning.cost(model) if tuning is not None else None
@@ -587,7 +601,7 @@ def tune_chips(model, variables, device: devices.Device, key, num_chips: int,
     var_r, tmpl_r, calib, stats = replicate((variables, template, calib, stats), mesh)
     sample_fn = _sample_step(mesh, device)
     tune_fn = _tune_step(model, mesh, variant, tune_batch, plan.mode)
-    bar = progress_bar(plan.num_chip_chunks, "tune", progress and is_primary(), unit="chunk")
+    bar = progress_bar(plan.num_chip_chunks, "tune", progress and is_primary(mesh), unit="chunk")
     outs = []
     for c in range(plan.num_chip_chunks):
         keys = shard_rows(devices.chip_keys(key, plan.chips, start=c * plan.chips), mesh)
@@ -612,7 +626,8 @@ def evaluate_loop(model, variables, device: devices.Device, key, num_chips: int,
         chip = devices.at_time(devices.sample_chip(k, device, template), t)
         if device.needs_key:
             ids = first + jnp.arange(x.shape[0], dtype=jnp.uint32)
-            chip = devices.with_read_keys(chip, devices.read_keys(k[None], ids, EVAL_READS)[0])
+            chip = devices.with_read_keys(chip, devices.read_keys(k[None], ids,
+                                                                  devices.EVAL_READS)[0])
         logits = model.apply(with_chip(variables, chip), x)
         return jnp.sum(jnp.argmax(logits, -1) == y)
 

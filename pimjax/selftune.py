@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pimjax import introspect, perchip
+from pimjax import devices, introspect, perchip
 from pimjax.devices import num_chips
 from pimjax.introspect import CHIP_MODES, LayerInfo, analog_layers, chip_mode
 from pimjax.layers import with_chip, with_tune
@@ -341,30 +341,52 @@ def _solve_layer(variant, layer: LayerInfo, m: _Moments, target, batch_stats, pa
     return g, bn["mean"] - bias - g * mean_c
 
 
-def solve_chips(model, variant, batch_size, variables, chip, images, stats, mode="layers"):
+def solve_chips(model, variant, batch_size, variables, chip, images, stats, mode="layers",
+                reads=None):
     """Tune one chip or a chip batch; a batch with ``mode="map"`` tunes chip after chip.
 
-    The nominal activations of ``paired`` are computed once for all chips, except with
-    several calibration batches, where the solve runs on the chip axis (``layers``) instead.
+    ``reads``: the per-read keys of the calibration images (``[n]``, or ``[C, n]`` for a chip
+    batch) when the chip's device draws read noise, else None. The nominal activations of
+    ``paired`` are computed once for all chips, except with several calibration batches, where
+    the solve runs on the chip axis (``layers``) instead.
     """
     one_batch = batch_size is None or batch_size >= images.shape[0]
     if mode == "map" and num_chips(chip) is not None and (one_batch or variant != "paired"):
         nominal = None
         if variant == "paired" and one_batch:
             nominal = introspect.capture_mvm(model, with_chip(variables, None), images)
-        return jax.lax.map(lambda c: _solve(model, variant, batch_size, variables, c, images,
-                                            stats, nominal), chip)
-    return _solve(model, variant, batch_size, variables, chip, images, stats)
+        return jax.lax.map(lambda a: _solve(model, variant, batch_size, variables, a[0], images,
+                                            stats, nominal, a[1]), (chip, reads))
+    return _solve(model, variant, batch_size, variables, chip, images, stats, reads=reads)
 
 
-def _solve(model, variant, batch_size, variables, chip, images, stats, nominal=None):
+def _batched_reads(reads, nb: int, bs: int):
+    """Read keys ``[..., n]`` split like :func:`_batches`: ``[nb, ..., bs]`` (padding reuses
+    the last key: padded images are masked out)."""
+    n = reads.shape[-1]
+    if nb * bs > n:
+        pad = jnp.broadcast_to(reads[..., -1:], (*reads.shape[:-1], nb * bs - n))
+        reads = jnp.concatenate([reads, pad], axis=-1)
+    reads = reads.reshape((*reads.shape[:-1], nb, bs))
+    return jnp.moveaxis(reads, -2, 0)
+
+
+def _solve(model, variant, batch_size, variables, chip, images, stats, nominal=None,
+           reads=None):
     """The layer-by-layer solve: the tune tree with ``[F]`` leaves, ``[C, F]`` for a chip batch."""
     layers = analog_layers(model)
     count = num_chips(chip)
     lead = () if count is None else (count,)
-    chip_vars = with_chip(with_tune(variables, identity_tune(model)), chip)
+    untuned = with_tune(variables, identity_tune(model))
     nominal_vars = with_chip(variables, None)
     xs, masks = _batches(images, batch_size)
+    if reads is not None:
+        reads = _batched_reads(reads, xs.shape[0], xs.shape[1])
+
+    def chip_vars(keys):
+        """The untuned variables with the chip, reading with ``keys`` (None: no read noise)."""
+        return with_chip(untuned, chip if keys is None else devices.with_read_keys(chip, keys))
+
     by_path = {layer.path: layer for layer in layers}
     solved: dict = {}
 
@@ -395,20 +417,22 @@ def _solve(model, variant, batch_size, variables, chip, images, stats, nominal=N
             solve(layer, _moments_axes(y, w, nom.get(layer.name), count is not None))
             return apply_known(path, y)
 
-        introspect.apply_with_mvm(model, chip_vars, x, online)
+        introspect.apply_with_mvm(model, chip_vars(None if reads is None else reads[0]), x,
+                                  online)
     else:  # one pass per layer over all batches, each stopped at its layer
+        rest = None if reads is None else reads[1:]
         for layer in layers:
             def body(acc, batch, layer=layer):
-                x, w = batch
-                y = introspect.run_to_layer(model, chip_vars, x, layer.path, apply_known)
+                x, w, r = batch
+                y = introspect.run_to_layer(model, chip_vars(r), x, layer.path, apply_known)
                 y_nom = None
                 if variant == "paired":
                     y_nom = introspect.run_to_layer(model, nominal_vars, x, layer.path)
                 m = _moments_axes(y, w, y_nom, count is not None)
                 return (m if acc is None else _combine(acc, m)), None
 
-            first = body(None, (xs[0], masks[0]))[0]
-            m, _ = jax.lax.scan(body, first, (xs[1:], masks[1:]))
+            first = body(None, (xs[0], masks[0], None if reads is None else reads[0]))[0]
+            m, _ = jax.lax.scan(body, first, (xs[1:], masks[1:], rest))
             solve(layer, m)
     flat = {}
     for layer in layers:
@@ -435,28 +459,55 @@ def check_tuning_args(model, variant, images, stats, batch_size) -> None:
         check_stats(model, stats)
 
 
+def calibration_reads(chip, key, num_images: int):
+    """The read keys of ``num_images`` calibration images on ``chip`` (None if its device
+    draws no read noise).
+
+    ``key`` is the chip's key (one chip) or the key the chip batch was sampled from (chip
+    ``c`` reads with ``fold_in(key, c)``, see :func:`pimjax.devices.chip_keys`); the keys are
+    :func:`pimjax.devices.read_keys` of stream ``TUNE_READS``, the ones
+    :func:`pimjax.montecarlo.tune_chips` uses for the same chips.
+    """
+    if not devices.chip_device(chip).needs_key:
+        return None
+    if key is None:
+        raise ValueError("the chip's device draws read noise (output noise) at every read: pass "
+                         "key= (the chip's key, or the key its chip batch was sampled from)")
+    count = num_chips(chip)
+    ids = jnp.arange(num_images, dtype=jnp.uint32)
+    chips = devices.chip_keys(key, count) if count is not None else jnp.asarray(key)[None]
+    reads = devices.read_keys(chips, ids, devices.TUNE_READS)
+    return reads if count is not None else reads[0]
+
+
 def self_tune(model, variables, chip, images, variant: str = "channel",
               stats: NominalStats | None = None, batch_size: int | None = None,
-              mode: str | None = None) -> TuneResult:
+              mode: str | None = None, key=None) -> TuneResult:
     """Solve one chip's (or a chip batch's) digital gains/offsets, label-free, layer by layer.
 
     ``chip`` is one chip or a chip batch (:mod:`pimjax.devices`); ``images`` are normalized
     calibration images ``[n, H, W, C]``; ``stats`` are the nominal statistics
-    (:func:`nominal_stats`), needed by ``gain``, ``gain_offset`` and ``channel``. Returns the
-    ``"tune"`` collection (apply with :func:`pimjax.layers.with_tune`) and the cost.
-    Traceable: ``jax.vmap`` over single chips works (a chip batch is faster). ``mode`` (chip
-    batches): ``"layers"`` or ``"map"``, default :func:`pimjax.introspect.chip_mode`.
+    (:func:`nominal_stats`), needed by ``gain``, ``gain_offset`` and ``channel``. ``key``: for
+    a device that draws per-read noise, the chip's key (a chip batch: the key it was sampled
+    from), from which every calibration image gets its read key (:func:`calibration_reads`).
+    Returns the ``"tune"`` collection (apply with :func:`pimjax.layers.with_tune`) and the
+    cost. Traceable: ``jax.vmap`` over single chips works (a chip batch is faster). ``mode``
+    (chip batches): ``"layers"`` or ``"map"``, default :func:`pimjax.introspect.chip_mode`.
     """
     images = jnp.asarray(images)
     check_tuning_args(model, variant, images, stats, batch_size)
     num_chips(chip)  # raises unless chip is a chip
     if mode is not None and mode not in CHIP_MODES:
         raise ValueError(f"mode={mode!r} is unknown: use one of {CHIP_MODES}")
+    if devices.stored_read_keys(chip) is not None:
+        raise ValueError("the chip carries read keys (with_read_keys): pass the chip without "
+                         "them and key=, which gives every calibration image its own read key")
+    reads = calibration_reads(chip, key, images.shape[0])
     stats_arg = stats if variant in NEEDS_STATS else None
     if isinstance(batch_size, int) and batch_size >= images.shape[0]:
         batch_size = None
     tune = _solve_jit(model, variant, batch_size, variables, chip, images, stats_arg,
-                      mode or chip_mode(model))
+                      mode or chip_mode(model), reads)
     return TuneResult(tune, tune_cost(model, variant, images.shape[0], batch_size))
 
 

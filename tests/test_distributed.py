@@ -1,16 +1,19 @@
 """Multi-process runs: two CPU processes on localhost against one-process results; settings.
 
-The two-process tests start ``tests/distributed_worker.py`` twice on a free localhost port
-and kill both if they have not ended within ``HANG_S`` seconds, so a hang fails the test
-instead of blocking the suite.
+The two-process tests start ``tests/distributed_worker.py`` (or an experiment script) twice
+on a free localhost port and kill both if they have not ended within ``HANG_S`` seconds, so
+a hang fails the test instead of blocking the suite. The one-process oracles run in this
+process, on as many devices (4) as the two workers have together.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -22,19 +25,30 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import SingleDeviceSharding
 
-from pimjax import distributed
+from pimjax import distributed, files
 
 LOCAL_DEVICES = 2  # per worker process: a global mesh of 4 devices over 2 processes
 HANG_S = 180  # hard limit of one launch (a normal one takes 5 to 20 s)
+# ... of a launch that compiles a model (Monte-Carlo, training): 20 to 60 s of CPU time per
+# process, which took up to 180 s of wall-clock time on the 2 shared cores of a loaded machine
+COMPILE_HANG_S = 600
 # What the other process prints when a peer died: JAX's coordination service aborting it,
 # or a collective failing at once (which ends the worker when it runs with --exit-on-error)
 PEER_DIED = re.compile(r"JAX distributed service detected fatal errors|Gloo \S+ failed")
 
 
-def launch(scenario: str, out: Path, *extra: str, slurm: bool = False) -> list:
-    """Run the worker in two processes: ``[(returncode, output), ...]``; a hang fails."""
-    procs = worker.start(scenario, out, *extra, local_devices=LOCAL_DEVICES, slurm=slurm)
-    deadline = time.monotonic() + HANG_S
+def launch(scenario: str, out: Path, *extra: str, slurm: bool = False,
+           script: str | None = None, hang_s: float = HANG_S) -> list:
+    """Run the worker (or ``script``) in two processes: ``[(returncode, output), ...]``; a
+    hang fails."""
+    procs = worker.start(scenario, out, *extra, local_devices=LOCAL_DEVICES, slurm=slurm,
+                         script=script)
+    return finish(procs, out, script or scenario, hang_s)
+
+
+def finish(procs, out: Path, what: str, hang_s: float = HANG_S) -> list:
+    """Wait for the processes; kill them and fail the test if they run past ``hang_s``."""
+    deadline = time.monotonic() + hang_s
     try:
         for p in procs:
             p.wait(timeout=max(0.0, deadline - time.monotonic()))
@@ -44,8 +58,15 @@ def launch(scenario: str, out: Path, *extra: str, slurm: bool = False) -> list:
             p.wait()
         tails = "\n".join(f"--- process {i}\n{(out / f'log{i}.txt').read_text()[-2000:]}"
                           for i in range(len(procs)))
-        pytest.fail(f"{scenario}: processes still running after {HANG_S} s (hang)\n{tails}")
+        pytest.fail(f"{what}: processes still running after {hang_s} s (hang)\n{tails}")
     return [(p.returncode, (out / f"log{i}.txt").read_text()) for i, p in enumerate(procs)]
+
+
+def results(out: Path, runs: list) -> list[dict]:
+    """Each process's saved results, after checking that every process succeeded."""
+    for i, (rc, text) in enumerate(runs):
+        assert rc == 0, f"process {i} failed (exit {rc}):\n{text[-3000:]}"
+    return [dict(np.load(out / f"p{i}.npz")) for i in range(len(runs))]
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +156,15 @@ def test_slurm_variables_start_the_run_without_flags(tmp_path):
         assert float(r["sum"]) == worker.data(int(r["mesh_size"]))["rows"].astype(float).sum()
 
 
+@pytest.mark.slow
+def test_first_collective_reached_40_s_apart_after_connect(tmp_path):
+    """Without distributed.connect(), gloo's first collective fails when the processes reach
+    it more than 30 s apart (jax 0.10.2); connect() opens the connections at the start."""
+    runs = launch("sum", tmp_path, "--late", "40")
+    for i, (rc, text) in enumerate(runs):
+        assert rc == 0, f"process {i} failed (exit {rc}):\n{text[-3000:]}"
+
+
 @pytest.mark.parametrize("victim", [1, 0], ids=["worker-killed", "coordinator-killed"])
 def test_killed_process_stops_the_other(tmp_path, victim):
     runs = launch("die", tmp_path, "--victim", str(victim), "--heartbeat-timeout", "5")
@@ -148,6 +178,68 @@ def test_exception_ended_by_exit_now_stops_the_other(tmp_path):
                   "--heartbeat-timeout", "5")
     assert runs[1][0] == 1 and "failed on purpose" in runs[1][1], runs[1][1][-2000:]
     assert runs[0][0] != 0 and PEER_DIED.search(runs[0][1]), runs[0][1][-3000:]
+
+
+# ------------------------------------------------------- Monte-Carlo and training
+
+
+def test_montecarlo_chips_split_over_two_processes_are_bit_identical(tmp_path):
+    runs = launch("montecarlo", tmp_path, hang_s=COMPILE_HANG_S)
+    want = worker.mc_results(*worker.mc_inputs())  # one process, the same 4 devices
+    assert int(jax.device_count()) == 2 * LOCAL_DEVICES
+    for r in results(tmp_path, runs):
+        assert set(r) == set(want)
+        for name, value in want.items():  # per-chip accuracy, loss, tune: the same bits
+            np.testing.assert_array_equal(r[name], value, err_msg=name)
+    assert len(np.unique(want["loss"])) == worker.MC_CHIPS  # the chips differ
+
+
+def _close(got: list[dict], want: dict) -> None:
+    for r in got:
+        assert set(r) == set(want)
+        for name, value in want.items():  # gradients are summed in another order: float noise
+            np.testing.assert_allclose(r[name], value, rtol=2e-4, atol=2e-5, err_msg=name)
+    for name in want:  # every process holds the same replicated values
+        np.testing.assert_array_equal(got[0][name], got[1][name], err_msg=name)
+
+
+def test_train_step_over_two_processes_matches_one_process(tmp_path):
+    runs = launch("train_step", tmp_path, hang_s=COMPILE_HANG_S)
+    _close(results(tmp_path, runs), worker.train_step_results(worker.train_config()))
+
+
+@pytest.mark.slow
+def test_training_run_over_two_processes_resumed_matches_one_process(tmp_path):
+    runs = launch("train", tmp_path, hang_s=COMPILE_HANG_S)
+    want = worker.train_run_results(worker.train_config(), tmp_path / "one-process")
+    got = results(tmp_path, runs)
+    _close(got, want)
+    assert [int(r["epochs_first"]) for r in got] == [1, 1]  # stopped, then resumed
+    run = tmp_path / "run"
+    history = json.loads((run / "metrics.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2]  # written by process 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["1", "2"]
+    assert (run / files.LOCK_FILE).read_text() == ""  # process 0's lock, released
+
+
+def test_killed_process_stops_a_training_script(tmp_path):
+    """Kill process 1 of experiments/train.py once epoch 1 is written: process 0 must end
+    with an error (a failed collective or JAX's heartbeat) before the hang limit."""
+    run = tmp_path / "run"
+    procs = worker.start("", tmp_path, "--smoke", "--out", str(run), "--optim.epochs", "100",
+                         "--no-progress", "--heartbeat-timeout", "5",
+                         local_devices=LOCAL_DEVICES, script="experiments/train.py")
+    deadline = time.monotonic() + COMPILE_HANG_S
+    while not (run / "metrics.json").exists():
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            break
+        time.sleep(0.2)
+    procs[1].kill()
+    (rc0, text0), (rc1, _) = finish(procs, tmp_path, "train.py after a kill", hang_s=120)
+    assert (run / "metrics.json").exists(), text0[-3000:]
+    assert rc1 == -signal.SIGKILL
+    assert rc0 != 0 and (PEER_DIED.search(text0) or "error: process 0 of 2" in text0), \
+        text0[-3000:]
 
 
 # ------------------------------------------------------------------------ one process
@@ -207,6 +299,34 @@ def test_make_mesh_spans_all_devices_in_process_order():
         distributed.make_mesh("chips", [])
     with pytest.raises(ValueError, match="twice"):
         distributed.make_mesh("chips", jax.devices()[:1] * 2)
+
+
+def test_run_locks_named_waiting_and_shared_in_one_process(tmp_path):
+    with files.run_lock(tmp_path):
+        with files.run_lock(tmp_path, "shard-0-of-2"):  # a separate lock in the same folder
+            with pytest.raises(files.RunLockedError, match=r"\(shard-0-of-2\) is in use"):
+                with files.run_lock(tmp_path, "shard-0-of-2"):
+                    pass
+        with pytest.raises(files.RunLockedError, match="in use by another run"):
+            with distributed.shared_run_lock(tmp_path):  # one process: the plain lock
+                pass
+    assert distributed.agree(True) and not distributed.agree(False)
+    # wait=True blocks until the holder (another thread, i.e. another open file) releases
+    held, order = threading.Event(), []
+
+    def holder():
+        with files.run_lock(tmp_path):
+            held.set()
+            time.sleep(0.3)
+            order.append("released")
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    held.wait()
+    with files.run_lock(tmp_path, wait=True):
+        order.append("acquired")
+    thread.join()
+    assert order == ["released", "acquired"]
 
 
 def test_host_helpers_in_one_process():

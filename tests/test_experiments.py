@@ -158,7 +158,8 @@ BAD_FLAGS = [
     (claim3, ["--tunes", "magic"], "invalid choice 'magic'"),
     (claim3, ["--calib-images", "0"], "--calib-images=0"),
     (quickstart_script, ["--chips", "0"], "--chips=0"),
-    (quickstart_script, ["--sigma-within", "0", "--sigma-between", "0"], "both 0"),
+    (quickstart_script, ["--sigma-within", "0"], "--sigma-within must be > 0"),
+    (quickstart_script, ["--sigma-between", "0"], "--sigma-between must be > 0"),
     (montecarlo_script, ["--checkpoint", "nowhere", "--sigma-within", "-0.1"],
      "--sigma-within has -0.1"),
     (montecarlo_script, [], "missing required flag(s): --checkpoint"),
@@ -166,6 +167,15 @@ BAD_FLAGS = [
     (train_script, ["--out", "x", "--stop-after", "0"], "--stop-after=0"),
     (train_script, ["--out", "x", "--data.train-images", "100"], "below --optim.batch-size"),
     (train_script, ["--out", "x", "--quant.weight-bits", "9"], "--quant: weight_bits=9"),
+    (train_script, ["--out", "x", "--num-processes", "2"], "--coordinator, --process-id missing"),
+    (montecarlo_script, ["--checkpoint", "x", "--coordinator", "h:1", "--num-processes", "2",
+                         "--process-id", "2"], "--process-id=2 is out of range"),
+    (claim2, ["--coordinator", "h", "--num-processes", "2", "--process-id", "0"],
+     "is not HOST:PORT"),
+    (claim1, ["--heartbeat-timeout", "0"], "--heartbeat-timeout=0"),
+    (claim1, ["--shard", "2/2"], "--shard=2/2 needs"),
+    (claim3, ["--shard", "half"], "--shard='half' is not I/N"),
+    (claim2, ["--merge", "--shard", "0/2"], "--merge with --shard"),
 ]
 
 
@@ -215,8 +225,11 @@ def test_paper_size_dry_run_prints_the_estimate_without_loading_data(monkeypatch
     _no_work(monkeypatch)
     assert claim1.main(["--setup", "vgg11", "--dry-run"]) is None
     out = capsys.readouterr().out
-    assert "1000 chips x 10000 test images" in out and "100 epoch(s) x 50000 images" in out
-    assert re.search(r"estimated run time: [\d.]+ (s|min|h|days) for 30 training", out)
+    assert "1000 chips x 10000 test images, A8" in out and "100 epoch(s) x 50000 images" in out
+    # the tables' cells only: qat at 6 sigmas, ptq at 6, qavat at 5, for 4 bit widths
+    assert "68 evaluations (each ptq/qavat model at its training sigma" in out
+    assert re.search(r"estimated run time: [\d.]+ (s|min|h|days) \([\d.]+ (s|min|h|days) "
+                     r"for 30 training", out)
 
 
 def _parse(script, argv, default):
@@ -317,6 +330,57 @@ def test_claim1_smoke_qat_qavat_and_resume(runs, tmp_path):
     assert sorted(p.name for p in runs.iterdir()) == trained
 
 
+def _shared_cache_env(tmp_path) -> dict:
+    """Environment of a script subprocess: this checkout, and this session's compile cache."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("PIMJAX_COMPILE_CACHE", None)
+    cache = jax.config.jax_compilation_cache_dir
+    if cache:
+        (tmp_path / "cache").mkdir(exist_ok=True)
+        link = tmp_path / "cache" / "jax-compile"
+        if not link.exists():
+            link.symlink_to(cache)
+        env["PIMJAX_CACHE_DIR"] = str(tmp_path / "cache")
+    return env
+
+
+def test_claim1_shards_and_merge_equal_the_unsharded_table(runs, tmp_path):
+    argv = ["--smoke", "--methods", "qat", "qavat"]
+    rows, _ = claim1.main([*argv, "--out", str(tmp_path / "whole"), "--runs", str(runs)])
+    out = tmp_path / "sharded"  # its own runs folder: the shards train the models too
+    cmd = [sys.executable, str(ROOT / "experiments/claim1_training.py"), *argv, "--out", str(out)]
+    env = _shared_cache_env(tmp_path)
+    shards = [subprocess.Popen([*cmd, "--shard", f"{i}/2"], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+    try:  # two jobs at once: cells 0, 2, 4 and 1, 3, 5 (a training and two evaluations each)
+        logs = [p.communicate(timeout=600)[0] for p in shards]  # a hang fails
+    finally:
+        for p in shards:
+            p.kill()
+    assert [p.returncode for p in shards] == [0, 0], logs
+    assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(
+        p.name for p in runs.iterdir() if p.name in {r["run"] for r in rows})
+    merged, _ = claim1.main([*argv, "--out", str(out), "--merge"])
+    assert merged == rows  # the same bits, whichever job computed a cell
+    assert (out / "claim1_tables.txt").read_text() == (
+        tmp_path / "whole" / "claim1_tables.txt").read_text()
+    # a lost evaluation is computed again by its shard alone; the other cells are reused
+    cells = sorted((out / "evals").iterdir())
+    before = {p.name: p.stat().st_mtime_ns for p in cells}
+    lost = cells[0]
+    kept = lost.read_text()
+    lost.unlink()
+    with pytest.raises(SystemExit) as e:  # --merge refuses an incomplete grid
+        claim1.main([*argv, "--out", str(out), "--merge"])
+    assert e.value.code == 2
+    config = _parse(claim1, argv, common.claim_defaults(claim1.Args, claims.claim1)).claim
+    plan = [c.path for c in claim1.plan_cells(config, out, out / "runs")]
+    shard = f"{plan.index(lost) % 2}/2"  # the shard that owns the lost cell
+    merged, _ = claim1.main([*argv, "--out", str(out), "--shard", shard])  # and merges
+    assert merged == rows and lost.read_text() == kept
+    assert all(p.stat().st_mtime_ns == before[p.name] for p in cells if p != lost)
+
+
 @pytest.mark.slow
 def test_claim1_smoke_all_methods(runs, tmp_path):
     rows, _ = claim1.main(["--smoke", "--out", str(tmp_path), "--runs", str(runs)])
@@ -342,16 +406,39 @@ def test_claim2_on_fashion_mnist(runs, tmp_path, monkeypatch):
 
 
 def test_quickstart_smoke(tmp_path, capsys):
-    rows = quickstart_script.main(["--smoke", "--out", str(tmp_path)])
-    assert [(r["method"], r["self_tune"]) for r in rows] == [
-        ("qat", "none"), ("qat", "channel"), ("qavat", "none"), ("qavat", "channel")]
+    rows, found = quickstart_script.main(["--smoke", "--out", str(tmp_path)])
+    keys = [(r["method"], r["chips_kind"], r["self_tune"]) for r in rows]
+    assert keys == [("qat", "within", "none"), ("ptq", "within", "none"),
+                    ("qavat", "within", "none"), ("qavat", "+between", "none"),
+                    ("qavat", "+between", "channel")]
     for r in rows:
         assert r["chips"] == 4 and 0 <= r["min"] <= r["p5"] <= r["mean"] <= 1
-        assert r["test_images"] == 64
-    assert rows[0]["nominal"] == rows[1]["nominal"]  # the same model, untuned and tuned
+        assert r["test_images"] == 64 and 0 < r["se"] < 0.5
+        assert r["drop_mean"] == pytest.approx(r["nominal"] - r["mean"])
+        assert r["sigma_between"] == (0.3 if r["chips_kind"] == "+between" else 0.0)
+    assert rows[2]["nominal"] == rows[3]["nominal"] == rows[4]["nominal"]  # one qavat model
+    tuned = rows[4]
+    assert tuned["drop_mean_tuned"] == pytest.approx(tuned["nominal_tuned"] - tuned["mean"])
+    assert all(r["nominal_tuned"] is None and r["drop_mean_tuned"] is None for r in rows[:4])
+    # each claim's margin: a paired difference of two rows' means, with its standard error
+    mean = dict(zip(keys, (r["mean"] for r in rows), strict=True))
+    pairs = [(keys[2], keys[0]), (keys[2], keys[1]), (keys[2], keys[3]), (keys[4], keys[3]),
+             (keys[4], keys[2])]
+    assert [c["claim"] for c in found] == ["1", "1", "2", "3", "3"]
+    for c, (a, b) in zip(found, pairs, strict=True):
+        assert c["margin"] == pytest.approx(mean[a] - mean[b])
+        assert c["se"] > 0 and c["z"] == pytest.approx(c["margin"] / c["se"])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["rows"] == rows and saved["meta"]["claims"] == found
     assert (tmp_path / "results.csv").exists() and (tmp_path / "quickstart.png").exists()
     out = capsys.readouterr().out
+    for c in found:  # every margin is printed with its standard error
+        assert f"claim {c['claim']}: {c['what']}: {100 * c['margin']:+.2f} ± " \
+            f"{100 * c['se']:.2f}" in out
     assert "self-tuning cost per chip: channel: 64 unlabeled images" in out
+    head = next(line for line in out.splitlines() if line.startswith("method"))
+    assert head.split() == ["method", "chips", "self-tune", "nominal", "mean", "se", "p5", "min",
+                            "drop", "drop", "t"]
 
 
 def test_train_then_montecarlo_scripts(tmp_path):

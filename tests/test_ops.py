@@ -9,6 +9,10 @@ from jax import lax
 
 from pimjax import ops, runtime
 
+# No test here claims bit-identity across programs: compile at the "fast" XLA level
+# (most optimizations off, see conftest.py).
+pytestmark = pytest.mark.xla_level("fast")
+
 DN = ("NHWC", "HWIO", "NHWC")
 TOL = 1e-5
 
@@ -199,7 +203,7 @@ def test_grad_through_flax_model():
     x = jnp.asarray(np.random.default_rng(6).standard_normal((4, 8, 8, 1)), jnp.float32)
     labels = jnp.array([1, 3, 5, 7])
     ours, ref = _Net(ops.conv2d, ops.dense), _Net(ref_conv, jnp.dot)
-    params = ours.init(jax.random.PRNGKey(0), x)
+    params = jax.jit(ours.init)(jax.random.PRNGKey(0), x)
 
     def loss(model, params):
         logits = model.apply(params, x)
@@ -254,14 +258,21 @@ def test_rejects_bad_arguments():
 def test_max_pool_2x2_matches_flax(shape, ties):
     # odd sizes drop the last row/column (VALID); extra leading dims (a chip batch) fold in.
     # With ties (quantized ReLU outputs) the first maximum of a window gets the gradient.
-    x = jax.random.normal(jax.random.key(0), shape)
+    # NumPy-built inputs and one jitted program: eager jax.random and ops compile slowly
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(np.float32)
     if ties:
-        x = jnp.round(jax.nn.relu(x) * 2) / 2
-    ref = nn.max_pool(x, (2, 2), (2, 2))
-    np.testing.assert_array_equal(ops.max_pool_2x2(x), ref)
-    g = jax.random.normal(jax.random.key(1), ref.shape)
-    dx = jax.jit(jax.grad(lambda a: jnp.sum(ops.max_pool_2x2(a) * g)))(x)
-    dref = jax.grad(lambda a: jnp.sum(nn.max_pool(a, (2, 2), (2, 2)) * g))(x)
+        x = np.round(np.maximum(x, 0) * 2) / 2
+    g = rng.standard_normal((*shape[:-3], shape[-3] // 2, shape[-2] // 2, shape[-1]))
+
+    @jax.jit
+    def both(x, g):
+        ours = jax.value_and_grad(lambda a: jnp.sum(ops.max_pool_2x2(a) * g))
+        ref = jax.value_and_grad(lambda a: jnp.sum(nn.max_pool(a, (2, 2), (2, 2)) * g))
+        return ops.max_pool_2x2(x), nn.max_pool(x, (2, 2), (2, 2)), ours(x)[1], ref(x)[1]
+
+    y, y_ref, dx, dref = both(jnp.asarray(x), jnp.asarray(g, jnp.float32))
+    np.testing.assert_array_equal(y, y_ref)
     np.testing.assert_array_equal(dx, dref)
 
 

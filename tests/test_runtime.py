@@ -1,9 +1,12 @@
 """pimjax.runtime: nothing at import; configure() applies the XLA:CPU flag, cache and logs."""
 
 import logging
+import os
 import subprocess
 import sys
+import textwrap
 from importlib import metadata
+from pathlib import Path
 
 import jax
 import pytest
@@ -20,19 +23,29 @@ def jaxlib_version(monkeypatch):
 
 
 def test_import_changes_no_global_state():
-    """A fresh interpreter: importing every pimjax module leaves XLA_FLAGS and logging alone."""
-    code = (
-        "import logging, os\n"
-        "before = (os.environ.get('XLA_FLAGS'), logging.getLogger('absl').level)\n"
-        "import pimjax, pimjax.checkpoint, pimjax.montecarlo, pimjax.selftune, pimjax.train\n"
-        "import pimjax.devices, pimjax.introspect, pimjax.ops, pimjax.perchip\n"
-        "after = (os.environ.get('XLA_FLAGS'), logging.getLogger('absl').level)\n"
-        "assert before == after, (before, after)\n"
-        "import jax\n"
-        "assert jax.config.jax_compilation_cache_dir is None, jax.config.jax_compilation_cache_dir\n"
-    )
-    env = {k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"}
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+    """A fresh interpreter: importing every pimjax module (found by walking the package)
+    leaves the environment, logging and JAX's configuration alone."""
+    code = textwrap.dedent("""
+        import importlib, logging, os, pkgutil
+        def snapshot():
+            import jax
+            return (dict(os.environ), logging.getLogger().level,
+                    {name: logging.getLogger(name).level for name in ("absl", "jax", "orbax")},
+                    jax.config.jax_compilation_cache_dir,
+                    jax.config.jax_persistent_cache_min_compile_time_secs,
+                    jax.config.jax_enable_x64, jax.config.jax_default_matmul_precision)
+        before = snapshot()
+        import pimjax
+        names = [m.name for m in pkgutil.walk_packages(pimjax.__path__, "pimjax.")]
+        for name in names:
+            importlib.import_module(name)
+        assert len(names) >= 15, names
+        after = snapshot()
+        assert before == after, (before, after)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120,
+                   cwd=Path(__file__).parents[1])
 
 
 def test_appends_to_existing_flags(jaxlib_version):

@@ -28,6 +28,7 @@ class Setup:
     test_images: int | None = 1000  # test images per chip (None: the whole test split)
     chips: int = 200  # Monte-Carlo chips per evaluation
     paper_size: bool = False  # the paper's sizes: hours on a GPU
+    act_bits: int = 4  # claim 1's activation bits (VGG-11: 8, the paper's A8W4 reference)
 
     def train_config(self, train_method: str = "fp", quant: str | QuantConfig = "fp",
                      sigma_within: float = 0.0, sigma_between: float = 0.0,
@@ -61,7 +62,7 @@ def lenet5() -> Setup:
 def vgg11_narrow() -> Setup:
     """VGG-11 at width 0.25 on CIFAR-10: 5 epochs of Adam; CPU-sized."""
     return Setup("vgg11-narrow", ModelConfig("vgg11", width=0.25), "cifar10",
-                 OptimConfig(optimizer="adam", lr=1e-3, epochs=5, batch_size=128))
+                 OptimConfig(optimizer="adam", lr=1e-3, epochs=5, batch_size=128), act_bits=8)
 
 
 def resnet20_narrow() -> Setup:
@@ -73,7 +74,7 @@ def resnet20_narrow() -> Setup:
 def vgg11() -> Setup:
     """The paper's VGG-11 (width 1) on CIFAR-10: 100 epochs of SGD, 1000 chips, full test set."""
     return Setup("vgg11", ModelConfig("vgg11"), "cifar10", _paper_optim(), test_images=None,
-                 chips=1000, paper_size=True)
+                 chips=1000, paper_size=True, act_bits=8)
 
 
 def resnet18_cifar100() -> Setup:

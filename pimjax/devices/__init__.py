@@ -4,9 +4,12 @@ See :mod:`pimjax.devices.base` for the part protocol and the chip layout.
 """
 
 from pimjax.devices.base import (
+    EVAL_READS,
+    TUNE_READS,
     ChipLayer,
     Device,
     at_time,
+    chip_device,
     chip_keys,
     fold_keys,
     is_chip_layer,
@@ -15,6 +18,7 @@ from pimjax.devices.base import (
     read_keys,
     sample_chip,
     sample_chips,
+    stored_read_keys,
     with_read_keys,
 )
 from pimjax.devices.compensation import GlobalDriftCompensation
@@ -31,9 +35,10 @@ from pimjax.devices.variability import (
 )
 
 __all__ = [
-    "DISTRIBUTIONS", "GRANULARITIES", "PCM", "PRESETS", "ChipLayer", "Device", "DeviceConfig",
-    "GlobalDriftCompensation", "Periphery", "StuckAt", "VariabilityModel", "at_time",
-    "between_factors", "chip_keys", "fold_keys", "from_variability", "ideal", "is_chip_layer",
-    "num_chips", "paper", "part_key", "pcm", "read_keys", "sample_chip", "sample_chips",
+    "DISTRIBUTIONS", "EVAL_READS", "GRANULARITIES", "PCM", "PRESETS", "TUNE_READS", "ChipLayer",
+    "Device", "DeviceConfig", "GlobalDriftCompensation", "Periphery", "StuckAt",
+    "VariabilityModel", "at_time", "between_factors", "chip_device", "chip_keys", "fold_keys",
+    "from_variability", "ideal", "is_chip_layer", "num_chips", "paper", "part_key", "pcm",
+    "read_keys", "sample_chip", "sample_chips", "stored_read_keys",
     "with_read_keys",
 ]

@@ -66,7 +66,7 @@ class Compensation(Protocol):
 
     def sample(self, key, template): ...
 
-    def gain(self, chip_layer, w_nominal, state): ...
+    def gain(self, chip_layer, w_nominal, state, w_eff=None): ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +85,7 @@ class Device:
         for part in self.weights:
             if not (callable(getattr(part, "sample", None)) and callable(getattr(part, "apply",
                                                                                  None))):
-                raise ValueError(f"device part {part!r} needs sample(key, shapes) and "
+                raise ValueError(f"device part {part!r} needs sample(key, template) and "
                                  "apply(w, state, t) methods")
 
     @property
@@ -146,14 +146,23 @@ class ChipLayer:
                 key = fold_keys(self.read_key, self.index)
             y = self.device.periphery.forward(x, w_eff, w, key, conv)
         if self.device.compensation is not None:
-            g = self.device.compensation.gain(self, w, self.compensation)
+            g = self.device.compensation.gain(self, w, self.compensation, w_eff)
             y = y * (g if self.num_chips is None else g.reshape((-1,) + (1,) * (y.ndim - 1)))
         return y
 
 
 def fold_keys(keys, data: int):
-    """``fold_in(k, data)`` of every key of a key array of any shape."""
-    return draws.fold_in(keys, data)
+    """``fold_in(k, data)`` of every key of a key array of any shape (typed keys, or raw
+    ``uint32`` key data with the key's words last); returns typed keys."""
+    keys = jnp.asarray(keys) if not isinstance(keys, jax.Array) else keys
+    if not jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key):
+        keys = jax.random.wrap_key_data(keys)
+    # jax.random's fold_in (not pimjax.draws): these are the per-read keys of a forward pass,
+    # and an unrolled hash would be fused into, and recomputed by, every noise value drawn
+    # from them
+    flat = keys.reshape(-1)
+    out = jax.vmap(lambda k: jax.random.fold_in(k, data))(flat)
+    return out.reshape(keys.shape)
 
 
 def part_key(key, index: int):
@@ -163,6 +172,7 @@ def part_key(key, index: int):
 
 COMPENSATION_STREAM = PART_STREAM - 1  # fold_in tag of the compensation's state
 READ_STREAM = PART_STREAM - 2  # fold_in tag of a chip's per-read keys
+EVAL_READS, TUNE_READS = 0, 1  # read_keys streams: evaluation reads, self-tuning's reads
 
 
 def sample_chip(key, device: Device, template):
@@ -221,15 +231,14 @@ def read_keys(chip_keys, image_ids, stream: int = 0):
     """``[C, B]`` keys of reading images ``image_ids [B]`` on the chips of ``chip_keys [C]``.
 
     The key of (chip, image) depends on the chip's key and the image's id only, so a sweep
-    draws the same noise for it whatever its chunking; ``stream`` separates uses (0:
-    evaluation, 1: self-tuning's calibration reads).
+    draws the same noise for it whatever its chunking; ``stream`` separates uses
+    (:data:`EVAL_READS`: evaluation, :data:`TUNE_READS`: self-tuning's calibration reads).
     """
-    chip_keys = jnp.asarray(chip_keys) if not isinstance(chip_keys, jax.Array) else chip_keys
-    root = draws.key_data(draws.fold_in(draws.fold_in(chip_keys, READ_STREAM), stream))
-    out = draws.fold_in(root[..., None, :], jnp.asarray(image_ids, jnp.uint32))  # [C, B, 2]
-    if jax.dtypes.issubdtype(chip_keys.dtype, jax.dtypes.prng_key):
-        return jax.random.wrap_key_data(out, impl=jax.random.key_impl(chip_keys))
-    return out
+    def per_chip(k):  # jax.random, as fold_keys
+        root = jax.random.fold_in(jax.random.fold_in(k, READ_STREAM), stream)
+        return jax.vmap(lambda n: jax.random.fold_in(root, n))(image_ids)
+
+    return jax.vmap(per_chip)(chip_keys)
 
 
 def with_read_keys(chip, keys):
@@ -242,9 +251,23 @@ def with_read_keys(chip, keys):
                                   is_leaf=is_chip_layer)
 
 
-def num_chips(chip) -> int | None:
-    """The chip-batch size of a chip pytree, or None for a single chip."""
+def _first_layer(chip) -> ChipLayer:
     layers = jax.tree_util.tree_leaves(chip, is_leaf=is_chip_layer)
     if not layers or not isinstance(layers[0], ChipLayer):
         raise ValueError("not a chip: sample one with pimjax.devices.sample_chip")
-    return layers[0].num_chips
+    return layers[0]
+
+
+def num_chips(chip) -> int | None:
+    """The chip-batch size of a chip pytree, or None for a single chip."""
+    return _first_layer(chip).num_chips
+
+
+def chip_device(chip) -> Device:
+    """The device a chip (or chip batch) was sampled from."""
+    return _first_layer(chip).device
+
+
+def stored_read_keys(chip):
+    """The per-read keys stored on a chip by :func:`with_read_keys`, or None."""
+    return _first_layer(chip).read_key

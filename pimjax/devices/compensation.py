@@ -49,11 +49,16 @@ class GlobalDriftCompensation:
         axes = tuple(range(u.ndim - jnp.ndim(w_nominal), u.ndim))
         return jnp.maximum(jnp.mean(jnp.abs(u), axis=axes), READOUT_FLOOR)
 
-    def gain(self, chip_layer, w_nominal, state):
-        """The layer's compensation gain at the chip's read time (``[C]`` for a chip batch)."""
+    def gain(self, chip_layer, w_nominal, state, w_eff=None):
+        """The layer's compensation gain at the chip's read time (``[C]`` for a chip batch).
+
+        ``w_eff``: the chip's weights at its read time, if already computed.
+        """
         periphery = chip_layer.device.periphery
         z0, zt = (state[0], state[1]) if chip_layer.num_chips is None else (state[:, 0],
                                                                              state[:, 1])
+        if w_eff is None:
+            w_eff = chip_layer.weights(w_nominal)
         base = self.readout(chip_layer.weights(w_nominal, t=0.0), w_nominal, periphery, z0)
-        now = self.readout(chip_layer.weights(w_nominal), w_nominal, periphery, zt)
+        now = self.readout(w_eff, w_nominal, periphery, zt)
         return jax.lax.stop_gradient(base / now)

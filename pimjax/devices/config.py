@@ -35,15 +35,30 @@ class DeviceConfig:
     def __post_init__(self):
         if self.preset not in PRESETS:
             raise ValueError(f"device.preset={self.preset!r} is unknown: use one of {PRESETS}")
-        vm = self.variability  # validates the sigmas, granularity and distribution
+        try:
+            vm = self.variability  # validates the sigmas, granularity and distribution
+        except ValueError as e:  # name the field as the config spells it
+            raise ValueError(f"device.{e}") from None
+        for field in ("drift_compensation", "periphery"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"device.{field}={getattr(self, field)!r} must be True or False")
+        for field in ("stuck_zero", "stuck_gmax"):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                raise ValueError(f"device.{field}={v!r} must be a fraction of the devices in "
+                                 "[0, 1]")
+        if self.stuck_zero + self.stuck_gmax > 1.0:
+            raise ValueError(f"device.stuck_zero + device.stuck_gmax = "
+                             f"{self.stuck_zero + self.stuck_gmax:g} must be <= 1: lower one")
         for field in ("sigma_within", "sigma_between"):
             object.__setattr__(self, field, getattr(vm, field))
         if self.preset == "ideal" and not vm.is_nominal:
             raise ValueError("device.preset='ideal' has no variation: set the sigmas to 0 or "
                              "use preset 'paper'")
         if self.preset == "pcm" and self.sigma_within:
-            raise ValueError("device.preset='pcm' models the cells' variation itself: set "
-                             "sigma_within to 0 (sigma_between adds a fab-run gain)")
+            raise ValueError(f"device.sigma_within={self.sigma_within:g} does not apply to "
+                             "preset 'pcm', whose cells vary by the PCM model: set it to 0 "
+                             "(sigma_between adds a fab-run gain)")
         pcm_only = {"drift_compensation": False, "stuck_zero": 0.0, "stuck_gmax": 0.0,
                     "periphery": True}
         for field, default in pcm_only.items():

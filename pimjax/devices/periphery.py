@@ -36,10 +36,36 @@ import jax
 import jax.numpy as jnp
 
 from pimjax.devices.mapping import broadcast_scale, mapping_scale
-from pimjax.quant import round_ste
 
 NOISE_MANAGEMENTS = ("abs_max", "none")
 BOUND_MANAGEMENTS = ("none", "iterative")
+# A converter input within this many levels of a half-integer is a tie (rounded half to even).
+# Quantized activations put the DAC's input x/max|x| on ratios of small integers, so exact
+# ties are common, and float error (which XLA's fusion choices change) would otherwise break
+# them either way: a chip batch, a vmap and a single chip would round differently. Values of
+# an 8-bit activation grid lie >= 1/510 of a level from a tie, the DAC's float error is
+# ~1e-5 levels; a value that is not on a grid lands this close to a tie with probability 2e-4.
+TIE_TOLERANCE = 1e-4
+
+
+@jax.custom_vjp
+def round_half_even(x):
+    """Round to nearest, a value within :data:`TIE_TOLERANCE` of a tie to the even integer
+    (``torch.round``'s rule, robust to float error); straight-through gradient."""
+    f = jnp.floor(x)
+    tie = jnp.abs(x - f - 0.5) <= TIE_TOLERANCE
+    return jnp.where(tie, f + jnp.mod(f, 2.0), jnp.round(x))
+
+
+def _rhe_fwd(x):
+    return round_half_even(x), None
+
+
+def _rhe_bwd(_, g):
+    return (g,)
+
+
+round_half_even.defvjp(_rhe_fwd, _rhe_bwd)
 
 
 def split_sizes(size: int, max_size: int) -> list[int]:
@@ -54,12 +80,13 @@ def split_sizes(size: int, max_size: int) -> list[int]:
 def quantize_uniform(x, bits: int | None, bound: float):
     """Round to aihwkit's grid ``step = 2 bound / (2^bits - 2)`` and clip to ``±bound`` (STE).
 
-    ``bits=None`` only clips. The rounding gradient is the identity; the clip's is zero
-    outside the bound (aihwkit ``UniformQuantize`` then ``clamp``).
+    ``bits=None`` only clips. Ties go to even (:func:`round_half_even`). The rounding gradient
+    is the identity; the clip's is zero outside the bound (aihwkit ``UniformQuantize`` then
+    ``clamp``).
     """
     if bits is not None:
         step = 2.0 * bound / (2**bits - 2)
-        x = round_ste(x / step) * step
+        x = round_half_even(x / step) * step
     return clip(x, bound)
 
 
@@ -188,7 +215,7 @@ class Periphery:
                 y = y + self.out_noise * noise[r]
             if self.out_bits is not None:
                 step = 2.0 * self.out_bound / (2**self.out_bits - 2)
-                y = round_ste(y / step) * step
+                y = round_half_even(y / step) * step
             clipping.append(jnp.any(jnp.abs(y) > self.out_bound, axis=-1, keepdims=True))
             outs.append(clip(y, self.out_bound) * (a_y * red))
         y = outs[-1]

@@ -131,7 +131,9 @@ def _as_float(value, field: str) -> float:
         raise ValueError(f"{field}={value!r} must be a number >= 0")
     if isinstance(value, numbers.Real):
         return float(value)
-    if np.ndim(value) == 0 and np.issubdtype(np.asarray(value).dtype, np.floating | np.integer):
+    dtype = getattr(value, "dtype", None)
+    if dtype is not None and np.ndim(value) == 0 and (
+            np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
         return float(value)
     raise ValueError(f"{field}={value!r} must be a number >= 0")
 

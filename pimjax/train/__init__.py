@@ -27,11 +27,13 @@ from pimjax.train.config import (
     TrainConfig,
 )
 from pimjax.train.loop import (
+    RunKeys,
     TrainingDivergedError,
     TrainResult,
     evaluate,
     evaluate_chips,
     load_data,
+    run_keys,
     train,
 )
 from pimjax.train.optim import make_optimizer, make_schedule
@@ -42,9 +44,9 @@ from pimjax.train.steps import calibration_step, eval_step, step_chips, train_st
 
 __all__ = [
     "LOSSES", "OPTIMIZERS", "SCHEDULES", "TRAIN_METHODS", "DataConfig", "EvalConfig",
-    "OptimConfig", "PTQConfig", "TrainConfig", "TrainResult", "TrainState",
+    "OptimConfig", "PTQConfig", "RunKeys", "TrainConfig", "TrainResult", "TrainState",
     "TrainingDivergedError", "build_model", "calibrate", "calibration_step",
     "create_train_state", "epoch_permutation", "eval_step", "evaluate", "evaluate_chips",
-    "init_from_float", "load_data", "load_model", "make_optimizer", "make_schedule",
+    "init_from_float", "load_data", "load_model", "make_optimizer", "make_schedule", "run_keys",
     "step_chips", "steps_per_epoch", "train", "train_batches", "train_step",
 ]

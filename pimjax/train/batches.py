@@ -14,9 +14,16 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def train_batches(dataset: Dataset, batch_size: int, seed: int, epoch: int) -> Iterator:
-    """(images, labels) batches of one epoch in its seeded order, last partial batch dropped."""
+def train_batches(dataset: Dataset, batch_size: int, seed: int, epoch: int,
+                  rows: slice | None = None) -> Iterator:
+    """(images, labels) batches of one epoch in its seeded order, last partial batch dropped.
+
+    ``rows``: only these rows of every batch (a process's share of a batch split over
+    processes, :func:`pimjax.distributed.process_rows`); the batches are the same.
+    """
     perm = epoch_permutation(seed, epoch, len(dataset))
     for i in range(len(dataset) // batch_size):
         idx = np.sort(perm[i * batch_size:(i + 1) * batch_size])
+        if rows is not None:
+            idx = idx[rows]
         yield dataset.images[idx], dataset.labels[idx]

@@ -7,6 +7,14 @@ from the config) and returns the final state with the per-epoch history, as Flax
 ``best/<epoch>`` by test accuracy), holding an exclusive lock on the directory; ``resume``
 continues from the last intact checkpoint.
 
+Data parallelism: every batch is split by rows over a ``"batch"`` mesh of every device of
+every process (:func:`pimjax.distributed.make_mesh`); each process reads only its own rows
+of each batch. In a multi-process run every process calls :func:`train` with the same
+arguments; orbax checkpoints are written by all of them into the same directory (which
+every process must see), while only process 0 holds the directory's lock (the others share
+it), writes ``config.json``/``metrics.*`` and prints (resuming is tested with the same
+process count).
+
 Everything random is a pure function of the seed: the data order of epoch ``e`` is a
 permutation seeded by ``(seed, e)``, the chip and augmentation of step ``s`` come from
 ``fold_in(key, s)``. So a run resumed from a checkpoint ends with the same parameters as an
@@ -22,6 +30,7 @@ import os
 import time
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -29,7 +38,15 @@ import numpy as np
 from pimjax import checkpoint as ckpt_lib
 from pimjax import data as pdata
 from pimjax import files, montecarlo
-from pimjax.distributed import make_mesh, replicate, shard_rows
+from pimjax.distributed import (
+    from_process_rows,
+    is_primary,
+    make_mesh,
+    mesh_processes,
+    process_rows,
+    replicate,
+    shared_run_lock,
+)
 from pimjax.progress import progress_bar
 from pimjax.train.batches import train_batches
 from pimjax.train.config import TrainConfig
@@ -41,6 +58,23 @@ from pimjax.train.steps import eval_step, train_step
 BATCH_AXIS = "batch"
 # PRNG streams split from the seed (fold_in tags).
 _INIT, _CHIPS, _AUGMENT, _EVAL_CHIPS, _READ = 0, 1, 2, 3, 4
+
+
+class RunKeys(NamedTuple):
+    """The PRNG keys of a run, each ``fold_in(PRNGKey(seed), stream)``."""
+
+    init: jax.Array  # parameter initialisation
+    chips: jax.Array  # the training chip of step s: fold_in(chips, s)
+    augment: jax.Array  # the augmentation of step s: fold_in(augment, s)
+    eval_chips: jax.Array  # the per-epoch evaluation chips (pimjax.devices.chip_keys of it)
+    read: jax.Array  # per-read noise of step s: fold_in(read, s)
+
+
+def run_keys(seed: int) -> RunKeys:
+    """The PRNG keys a run with ``seed`` uses (see :class:`RunKeys`)."""
+    root = jax.random.PRNGKey(seed)
+    return RunKeys(*(jax.random.fold_in(root, i)
+                     for i in (_INIT, _CHIPS, _AUGMENT, _EVAL_CHIPS, _READ)))
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -73,8 +107,10 @@ def evaluate(state: TrainState, dataset: pdata.Dataset, batch_size: int | None =
             images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
             labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
             mask = np.concatenate([mask, np.zeros(pad, np.float32)])
-        if mesh is not None:
-            images, labels, mask = shard_rows((images, labels, mask), mesh)
+        if mesh is not None:  # each process feeds its own rows of the batch
+            rows = process_rows(bs, mesh)
+            images, labels, mask = from_process_rows(
+                (images[rows], labels[rows], mask[rows]), mesh, bs)
         sums.append(eval_step(state, images, labels, mask))
     correct = total_loss = 0.0
     for c, loss in jax.device_get(sums):
@@ -116,7 +152,7 @@ def _check_dataset(config: TrainConfig, ds, what: str) -> None:
 def train(config: TrainConfig, *, train_data: pdata.Dataset | None = None,
           test_data: pdata.Dataset | None = None, workdir: str | os.PathLike | None = None,
           resume: bool = False, stop_after: int | None = None, num_devices: int | None = None,
-          progress: bool = True, log_every: int = 20) -> TrainResult:
+          mesh_devices=None, progress: bool = True, log_every: int = 20) -> TrainResult:
     """Train (or, for ptq, calibrate) a model; return the final state and per-epoch history.
 
     ``train_data``/``test_data``: the splits to use (default: loaded as the config says).
@@ -125,6 +161,9 @@ def train(config: TrainConfig, *, train_data: pdata.Dataset | None = None,
     this call after that many epochs (as if interrupted). A loss that becomes non-finite or
     exceeds ``config.max_loss_ratio`` times its first value raises
     :class:`TrainingDivergedError` without saving that epoch.
+
+    Data parallelism over ``mesh_devices`` (default: every device of every process), or over
+    the first ``num_devices`` local devices of every process.
     """
     if not isinstance(config, TrainConfig):
         raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
@@ -133,11 +172,12 @@ def train(config: TrainConfig, *, train_data: pdata.Dataset | None = None,
     if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int)
                                    or stop_after < 1):
         raise ValueError(f"stop_after={stop_after!r} must be a positive integer or None")
-    local = jax.local_devices()
-    if num_devices is not None and not 1 <= num_devices <= len(local):
-        raise ValueError(f"num_devices={num_devices} must be in 1..{len(local)} (the local "
-                         "devices)")
-    mesh = make_mesh(BATCH_AXIS, local[:num_devices])
+    mesh = make_mesh(BATCH_AXIS, _mesh_devices(num_devices, mesh_devices))
+    if mesh_processes(mesh) != tuple(range(jax.process_count())):
+        # orbax 0.12 refuses to checkpoint arrays of one process in a multi-process run
+        raise ValueError(f"mesh_devices are devices of processes {list(mesh_processes(mesh))} "
+                         f"only: a multi-process run trains over all {jax.process_count()} "
+                         "processes (pass devices of every process, or None)")
     for name, value in (("optim.batch_size", config.optim.batch_size),
                         ("eval.batch_size", config.eval.batch_size)):
         if value % mesh.size:
@@ -147,15 +187,33 @@ def train(config: TrainConfig, *, train_data: pdata.Dataset | None = None,
     for ds, what in ((train_data, "train_data"), (test_data, "test_data")):
         if ds is not None:
             _check_dataset(config, ds, what)
-    lock = files.run_lock(workdir) if workdir is not None else contextlib.nullcontext()
+    lock = contextlib.nullcontext() if workdir is None else shared_run_lock(workdir)
     with lock:
         return _train(config, train_data, test_data, workdir, resume, stop_after, mesh,
-                      float_source, progress, log_every)
+                      float_source, progress and is_primary(mesh), log_every)
+
+
+def _mesh_devices(num_devices, mesh_devices) -> list:
+    """The data-parallel devices: given, or the first ``num_devices`` of every process."""
+    if mesh_devices is not None:
+        if num_devices is not None:
+            raise ValueError("pass num_devices or mesh_devices, not both")
+        return list(mesh_devices)
+    local = len(jax.local_devices())
+    if num_devices is not None and (isinstance(num_devices, bool) or not isinstance(
+            num_devices, int) or not 1 <= num_devices <= local):
+        raise ValueError(f"num_devices={num_devices!r} must be in 1..{local} (the devices of "
+                         "each process)")
+    by_process: dict[int, list] = {}
+    for d in sorted(jax.devices(), key=lambda d: (d.process_index, d.id)):
+        by_process.setdefault(d.process_index, []).append(d)
+    return [d for devs in by_process.values() for d in devs[:num_devices]]
 
 
 def _train(config, train_ds, test_ds, workdir, resume, stop_after, mesh, float_source, progress,
            log_every) -> TrainResult:
     store = None
+    primary = is_primary(mesh)
     if workdir is not None:
         workdir = Path(workdir).absolute()
         store = ckpt_lib.CheckpointStore(workdir)
@@ -166,11 +224,10 @@ def _train(config, train_ds, test_ds, workdir, resume, stop_after, mesh, float_s
         loaded = load_data(config)
         train_ds = train_ds if train_ds is not None else loaded[0]
         test_ds = test_ds if test_ds is not None else loaded[1]
-    root = jax.random.PRNGKey(config.seed)
-    init_key, chip_key, aug_key, eval_key, read_key = (
-        jax.random.fold_in(root, i) for i in (_INIT, _CHIPS, _AUGMENT, _EVAL_CHIPS, _READ))
+    init_key, chip_key, aug_key, eval_key, read_key = run_keys(config.seed)
     sample = pdata.normalize(train_ds.images[:1], config.data.name)
-    state = create_train_state(config, init_key, sample, len(train_ds))
+    fresh = create_train_state(config, init_key, sample, len(train_ds))
+    state = replicate(fresh, mesh)  # restored checkpoints land on the mesh directly
     counts = {"train_images": len(train_ds), "test_images": len(test_ds)}
 
     history: list[dict] = []
@@ -182,12 +239,13 @@ def _train(config, train_ds, test_ds, workdir, resume, stop_after, mesh, float_s
             check_resume_config(config, meta["config"], workdir)
             start_epoch = int(meta["epoch"])
             history = [m for m in meta.get("history", []) if m["epoch"] <= start_epoch]
-    if workdir is not None:
+    if workdir is not None and primary:
         files.write_json(workdir / "config.json", config.to_dict())
-    state = replicate(state, mesh)
 
     if config.train_method == "ptq":
-        return _run_ptq(config, state, float_source, train_ds, test_ds, chip_key, eval_key,
+        if history:  # a finished calibration: nothing to continue
+            return TrainResult(state, history, _summary(history, workdir, mesh))
+        return _run_ptq(config, fresh, float_source, train_ds, test_ds, chip_key, eval_key,
                         mesh, store, workdir, counts)
 
     best_acc = max((m["test_acc"] for m in history), default=-1.0)
@@ -203,9 +261,10 @@ def _train(config, train_ds, test_ds, workdir, resume, stop_after, mesh, float_s
         sums = {"loss": 0.0, "acc": 0.0}
         last_lr = float("nan")
         bar = progress_bar(n_steps, f"epoch {epoch}/{config.optim.epochs}", progress)
+        rows = process_rows(config.optim.batch_size, mesh)  # this process's share of a batch
         for i, (images, labels) in enumerate(train_batches(train_ds, config.optim.batch_size,
-                                                           config.seed, epoch)):
-            batch = shard_rows((images, labels), mesh)
+                                                           config.seed, epoch, rows)):
+            batch = from_process_rows((images, labels), mesh, config.optim.batch_size)
             tc = time.perf_counter()
             state, metrics = train_step(state, batch, chip_key, aug_key, read_key)
             if epochs_run == 0 and i == 0:  # the first call compiles: time it apart
@@ -251,14 +310,21 @@ def _train(config, train_ds, test_ds, workdir, resume, stop_after, mesh, float_s
         best_acc = max(best_acc, row["test_acc"])
         if store is not None:
             _save(store, state, config, epoch, history, is_best)
-            _write_metrics(workdir, history)
+            if primary:
+                _write_metrics(workdir, history)
         epochs_run += 1
         if progress:
             print(_format_row(row), flush=True)
+    return TrainResult(state, history, _summary(history, workdir, mesh))
+
+
+def _summary(history, workdir, mesh) -> dict:
+    """The last epoch's row, the best test accuracy and its epoch, the run's folder."""
     summary = dict(history[-1]) if history else {}
-    summary.update(best_test_acc=best_acc, best_epoch=_best_epoch(history),
+    summary.update(best_test_acc=max((m["test_acc"] for m in history), default=-1.0),
+                   best_epoch=_best_epoch(history),
                    workdir=None if workdir is None else str(workdir), num_devices=mesh.size)
-    return TrainResult(state, history, summary)
+    return summary
 
 
 def _run_ptq(config, state, float_source, train_ds, test_ds, chip_key, eval_key, mesh, store,
@@ -281,11 +347,9 @@ def _run_ptq(config, state, float_source, train_ds, test_ds, chip_key, eval_key,
     history = [row]
     if store is not None:
         _save(store, state, config, 0, history, True)
-        _write_metrics(workdir, history)
-    summary = dict(row)
-    summary.update(best_test_acc=row["test_acc"], best_epoch=0,
-                   workdir=None if workdir is None else str(workdir), num_devices=mesh.size)
-    return TrainResult(state, history, summary)
+        if is_primary(mesh):
+            _write_metrics(workdir, history)
+    return TrainResult(state, history, _summary(history, workdir, mesh))
 
 
 def _check_loss(config, fetched, first_loss, epoch, first_step, n_steps, store) -> None:

@@ -20,8 +20,13 @@ def make_schedule(optim: OptimConfig, steps_per_epoch: int) -> optax.Schedule:
             return optax.warmup_cosine_decay_schedule(0.0, optim.lr, warmup, total)
         return optax.cosine_decay_schedule(optim.lr, total)
     if optim.schedule == "step":
-        main = optax.piecewise_constant_schedule(
-            optim.lr, {int(total * 0.5): 0.1, int(total * 0.75): 0.1})
+        # x0.1 at 50% and 75% of all steps; after a warmup, the main schedule counts from
+        # the warmup's end (optax.join_schedules), so its boundaries move back by it.
+        drops: dict[int, float] = {}
+        for fraction in (0.5, 0.75):
+            boundary = max(int(total * fraction) - warmup, 0)
+            drops[boundary] = drops.get(boundary, 1.0) * 0.1
+        main = optax.piecewise_constant_schedule(optim.lr, drops)
     else:
         main = optax.constant_schedule(optim.lr)
     if warmup:

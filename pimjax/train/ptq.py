@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from pimjax.data import Dataset
-from pimjax.distributed import shard_rows
+from pimjax.distributed import from_process_rows, process_rows
 from pimjax.train.batches import train_batches
 from pimjax.train.state import TrainState, jit_opt_init
 from pimjax.train.steps import calibration_step
@@ -39,10 +39,11 @@ def calibrate(state: TrainState, dataset: Dataset, key, num_batches: int,
     done = 0
     epoch = 0
     bs = state.config.optim.batch_size
+    rows = None if mesh is None else process_rows(bs, mesh)
     while done < num_batches:
-        for images, _ in train_batches(dataset, bs, state.config.seed, epoch):
-            if mesh is not None:
-                images = shard_rows(images, mesh)
+        for images, _ in train_batches(dataset, bs, state.config.seed, epoch, rows):
+            if mesh is not None:  # each process holds its own rows of the batch
+                images = from_process_rows(images, mesh, bs)
             state = calibration_step(state, images, key, done)
             done += 1
             if done == num_batches:
