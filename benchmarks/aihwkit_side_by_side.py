@@ -82,6 +82,7 @@ class Aihwkit:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def run(self, setup: str, chips: int, images: int, t: float, seed: int = 0) -> dict:
+        """One timed aihwkit sweep; its JSON answer."""
         self.proc.stdin.write(f"{setup} {chips} {images} {t} {seed}\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
@@ -90,6 +91,7 @@ class Aihwkit:
         return json.loads(line)
 
     def close(self):
+        """End the worker."""
         self.proc.stdin.close()
         self.proc.wait()
 
@@ -139,6 +141,7 @@ def export(model, variables, images, labels, path: Path) -> Path:
 
 
 def pimjax_device(setup: str):
+    """pimjax's device of a setup name."""
     from pimjax import devices
 
     if setup == "pcm":
@@ -149,6 +152,7 @@ def pimjax_device(setup: str):
 
 
 def main(argv=None) -> int:
+    """Time both simulators side by side; print ratios."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--worker", metavar="NPZ", help=argparse.SUPPRESS)
     p.add_argument("--aihwkit-python", default=os.environ.get("AIHWKIT_PYTHON"),

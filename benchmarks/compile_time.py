@@ -46,6 +46,7 @@ def child(name: str, device_name: str, chips: int, images: int, cache: str) -> i
     abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), x[:1])
 
     def fill(path, leaf):
+        """A variable filled by NumPy."""
         key = str(getattr(path[-1], "key", path[-1]))
         if key in ("act_max", "var", "scale", "gain"):
             return np.ones(leaf.shape, leaf.dtype) * (3.0 if key == "act_max" else 1.0)
@@ -68,6 +69,7 @@ def child(name: str, device_name: str, chips: int, images: int, cache: str) -> i
 
 
 def run_child(args, name, device, cache) -> dict:
+    """One fresh child process's timings."""
     cmd = [sys.executable, __file__, "--child", name, device, str(args.chips[name]),
            str(args.images[name]), cache]
     out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
@@ -77,6 +79,7 @@ def run_child(args, name, device, cache) -> dict:
 
 
 def main(argv=None) -> int:
+    """Cold and warm first-sweep times per model and device."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     p.add_argument("--models", default="lenet5,resnet20")

@@ -46,6 +46,7 @@ def worker(name: str, batch: int, threads: int) -> int:
 
 
 def main(argv=None) -> int:
+    """pimjax and PyTorch forwards alternating; print images/s and ratios."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     p.add_argument("--torch-python", default=os.environ.get("TORCH_PYTHON", sys.executable),
@@ -77,7 +78,8 @@ def main(argv=None) -> int:
                                   str(args.batch), str(threads)], env=env,
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
-        def torch_rate():
+        def torch_rate(torch=torch):
+            """PyTorch images/s of one timing."""
             torch.stdin.write(f"{args.iters}\n")
             torch.stdin.flush()
             line = torch.stdout.readline()
@@ -97,6 +99,7 @@ def main(argv=None) -> int:
             torch_rate()
 
             def jax_rate(f=f, v=v, x=x):
+                """pimjax images/s of one timing."""
                 start = time.perf_counter()
                 for _ in range(args.iters):
                     out = f(v, x)

@@ -9,7 +9,7 @@ from pimjax import devices, draws
 
 KEYS = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.PRNGKey(3),
                                                jnp.arange(5, dtype=jnp.uint32))
-SHAPES = [(), (1,), (7,), (3, 4), (5, 5, 2, 3)]
+SHAPES = [(), (1,), (7,), (3, 4), (5, 5, 2, 3), (1001,), (3, 5, 67)]
 
 
 def _ref(draw):
@@ -67,3 +67,59 @@ def test_chip_and_read_keys_equal_fold_in_chains():
         return jax.vmap(lambda n: jax.random.fold_in(root, n))(ids)
 
     np.testing.assert_array_equal(devices.read_keys(chips, ids, 1), jax.vmap(per_chip)(chips))
+
+
+@pytest.mark.parametrize("shape", [(9,), (2, 33, 5)])
+def test_jitted_draws_equal_single_key_jax_random(shape):
+    """Under jit (as the library calls them) and per single key, with no vmap in the oracle."""
+    got_n = jax.jit(lambda k: draws.normal(k, shape))(KEYS)
+    got_u = jax.jit(lambda k: draws.uniform(k, shape))(KEYS)
+    for c in range(KEYS.shape[0]):
+        np.testing.assert_array_equal(got_n[c], jax.random.normal(KEYS[c], shape))
+        np.testing.assert_array_equal(got_u[c], jax.random.uniform(KEYS[c], shape))
+        np.testing.assert_array_equal(draws.normal(KEYS[c], shape),
+                                      jax.random.normal(KEYS[c], shape))
+
+
+def test_typed_keys_equal_jax_random_key():
+    key = jax.random.key(11)
+    np.testing.assert_array_equal(draws.normal(key, (4, 7)), jax.random.normal(key, (4, 7)))
+    np.testing.assert_array_equal(jax.random.key_data(draws.fold_in(key, 3)),
+                                  jax.random.key_data(jax.random.fold_in(key, 3)))
+
+
+def test_fold_in_with_array_data_and_split_of_three():
+    data = jnp.arange(5, 12, dtype=jnp.uint32)
+    key = jax.random.PRNGKey(9)
+    np.testing.assert_array_equal(draws.fold_in(key, data),
+                                  jax.vmap(jax.random.fold_in, (None, 0))(key, data))
+    np.testing.assert_array_equal(draws.split(KEYS, 3),
+                                  _ref(lambda k: jax.random.split(k, 3)))
+
+
+def test_normals_under_jit_with_odd_sizes():
+    keys = [draws.fold_in(KEYS, i) for i in range(4)]
+    shapes = [(5, 5, 1, 6), (13,), (), (400, 120)]
+    got = jax.jit(lambda ks: draws.normals(ks, shapes))(keys)
+    for g, k, s in zip(got, keys, shapes, strict=True):
+        np.testing.assert_array_equal(g, _ref_keys(k, lambda kk, s=s: jax.random.normal(kk, s)))
+
+
+def _ref_keys(keys, draw):
+    """jax.random's draw over a given key batch."""
+    return jax.jit(jax.vmap(draw))(keys)
+
+
+def test_other_settings_fall_back_to_jax_random():
+    """Non-partitionable threefry and other PRNG implementations draw with jax.random."""
+    with jax.threefry_partitionable(False):
+        np.testing.assert_array_equal(draws.normal(KEYS, (3, 5)),
+                                      _ref(lambda k: jax.random.normal(k, (3, 5))))
+        np.testing.assert_array_equal(draws.fold_in(KEYS, 6),
+                                      _ref(lambda k: jax.random.fold_in(k, 6)))
+    rbg = jax.random.split(jax.random.key(2, impl="rbg"), 3)
+    np.testing.assert_array_equal(draws.uniform(rbg, (4,)),
+                                  jax.vmap(lambda k: jax.random.uniform(k, (4,)))(rbg))
+    np.testing.assert_array_equal(
+        jax.random.key_data(draws.fold_in(rbg, 5)),
+        jax.random.key_data(jax.vmap(lambda k: jax.random.fold_in(k, 5))(rbg)))
