@@ -22,8 +22,8 @@ weights and calls this script's ``--evaluate`` under aihwkit's Python.
 
 Layout check (pimjax's float LeNet-5 logits vs this model with a perfect periphery)::
 
-    PYTHONPATH=. python benchmarks/aihwkit_lenet.py --export /tmp/lenet.npz
-    OMP_WAIT_POLICY=PASSIVE <aihwkit python> benchmarks/aihwkit_lenet.py --check /tmp/lenet.npz
+    PYTHONPATH=. python benchmarks/aihwkit_lenet.py --export lenet.npz
+    OMP_WAIT_POLICY=PASSIVE <aihwkit python> benchmarks/aihwkit_lenet.py --check lenet.npz
 """
 
 from __future__ import annotations

@@ -151,7 +151,7 @@ def plan_cells(c: claims.Claim1, out: Path, runs_dir: Path, progress: bool = Tru
                 "nominal": sm["nominal"], "chips": sm["chips"],
                 "test_images": ev.num_images, "run": model.workdir.name,
                 "dataset": c.dataset_name, "train_images": model.summary.get("train_images"),
-                "seconds": round(ev.seconds, 1), "chip_accuracy": ev.accuracy.tolist(),
+                "chip_accuracy": ev.accuracy.tolist(),
                 "image_accuracy": ev.image_accuracy.tolist()}
 
     trainings: dict[str, grid.Cell] = {}

@@ -292,7 +292,7 @@ def pyplot():
 def text_table(rows, columns) -> str:
     """A fixed-width text table. ``columns``: (header, key, width, kind) with kind "text"
     (left-aligned), "rtext" (right-aligned), "pct" (100 x value, 2 decimals), "num" (2
-    decimals) or "tail" (as is, after two spaces)."""
+    decimals) or "tail" (as is, after two spaces); a missing or None value prints "-"."""
     def cell(kind, width, value):
         if kind == "text":
             return f"{value:<{width}}"
@@ -307,7 +307,7 @@ def text_table(rows, columns) -> str:
     head = "".join(f"  {h}" if k == "tail" else f"{h:<{w}}" if k == "text" else f"{h:>{w}}"
                    for h, _, w, k in columns)
     lines = [head, "-" * len(head)]
-    lines += ["".join(cell(k, w, r[key]) for _, key, w, k in columns).rstrip() for r in rows]
+    lines += ["".join(cell(k, w, r.get(key)) for _, key, w, k in columns).rstrip() for r in rows]
     return "\n".join(lines)
 
 
@@ -479,7 +479,6 @@ def between_cells(config: claims.Between, tunes, out: Path, runs: Path, calib_im
             "calib_cost": str(cost) if cost else "", "run": run.workdir.name,
             "dataset": config.dataset_name,
             "train_images": run.summary.get("train_images"),
-            "seconds": round(ev.seconds, 1),
             "chip_accuracy": ev.accuracy.tolist(), "image_accuracy": ev.image_accuracy.tolist(),
         }
 

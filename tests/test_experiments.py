@@ -91,8 +91,8 @@ def test_between_table_columns():
            "nominal": 0.958, "mean": 0.9558, "p5": 0.95, "drop_mean": 0.0022, "drop_p5": 0.008,
            "calib_cost": "channel: 256 images"}
     head, rule, line = common.format_between([row]).splitlines()
-    assert line.split() == ["layer", "0.50", "channel", "95.80", "95.58", "95.00", "0.22",
-                            "0.80", "channel:", "256", "images"]
+    assert line.split() == ["layer", "0.50", "channel", "95.80", "95.58", "-", "95.00", "0.22",
+                            "0.80", "-", "-", "-", "channel:", "256", "images"]
     assert head.split()[:3] == ["gran", "between", "self-tune"] and set(rule) == {"-"}
 
 
