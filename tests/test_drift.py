@@ -23,6 +23,9 @@ sys.path.insert(0, str(ROOT / "experiments"))
 common = importlib.import_module("common")
 drift_script = importlib.import_module("drift")
 
+# no bit-identity claim against another level here: compile with most optimizations off
+pytestmark = pytest.mark.xla_level("fast")
+
 
 @pytest.fixture(autouse=True)
 def _keep_session_settings(monkeypatch):

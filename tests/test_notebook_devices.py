@@ -24,6 +24,9 @@ def test_devices_notebook_executes(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
         p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
     monkeypatch.delenv("PIMJAX_COMPILE_CACHE", raising=False)
+    # the kernel compiles at the level of tests/test_drift.py (most optimizations off), so
+    # the shared persistent cache serves its programs
+    monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
     cache = jax.config.jax_compilation_cache_dir
     if cache:  # the kernel's runtime.configure() then shares this session's compiled programs
         (tmp_path / "cache").mkdir()
