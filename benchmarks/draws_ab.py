@@ -13,8 +13,9 @@ throughput ratio is the median over those pairs. Children start in alternating o
 ``--repeat`` pairs; first-call figures are medians. The digests must agree (the draws are
 the same bits).
 
-    git archive main pimjax | tar -x -C /tmp/pimjax-main
-    nice -n 10 python benchmarks/draws_ab.py --baseline /tmp/pimjax-main
+    mkdir ../pimjax-main-9807320    # 9807320: the last commit that drew with jax.random
+    git archive 9807320 pimjax | tar -x -C ../pimjax-main-9807320
+    nice -n 10 python benchmarks/draws_ab.py --baseline ../pimjax-main-9807320
 """
 
 from __future__ import annotations
