@@ -6,6 +6,7 @@ import dataclasses
 import math
 from functools import partial
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -177,10 +178,8 @@ def calibrate(model, variables, x, passes: int = 1) -> dict:
 
 
 def assert_trees_equal(a, b):
-    """Same structure and bit-identical leaves."""
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    """Same structure and bit-identical leaves of the same shapes and dtypes (chex)."""
+    chex.assert_trees_all_equal(a, b, strict=True)
 
 
 def chip_index(chips, i: int):
