@@ -34,6 +34,10 @@ quickstart_script = importlib.import_module("quickstart")
 train_script = importlib.import_module("train")
 montecarlo_script = importlib.import_module("montecarlo")
 
+# The scripts' smoke runs make no bit-identity claim against another XLA level: they, their
+# subprocesses (_shared_cache_env) and the notebook kernels compile with most optimizations off.
+pytestmark = pytest.mark.xla_level("fast")
+
 
 @pytest.fixture(autouse=True)
 def _keep_session_settings(monkeypatch):
@@ -332,7 +336,7 @@ def test_claim1_smoke_qat_qavat_and_resume(runs, tmp_path):
 
 def _shared_cache_env(tmp_path) -> dict:
     """Environment of a script subprocess: this checkout, and this session's compile cache."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
     env.pop("PIMJAX_COMPILE_CACHE", None)
     cache = jax.config.jax_compilation_cache_dir
     if cache:
@@ -477,7 +481,7 @@ def _execute(notebook: Path, tmp_path: Path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
         p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
     monkeypatch.delenv("PIMJAX_COMPILE_CACHE", raising=False)
-    monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")  # no bit-identity claims here
+    monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")  # this module's level
     cache = jax.config.jax_compilation_cache_dir
     if cache:  # the kernel's runtime.configure() then shares this session's compiled programs
         (tmp_path / "cache").mkdir()
