@@ -15,7 +15,7 @@ It prints the table and each claim's margin, a paired difference on the same chi
 images with its standard error, and writes results.json, results.csv and quickstart.png
 into --out. Finished trainings are reused.
 
-    python experiments/quickstart.py             # the defaults: about 5 minutes on 2 CPU cores
+    python experiments/quickstart.py             # the defaults: about 100 s on 2 idle CPU cores
     python experiments/quickstart.py --no-ptq --sigma-within 0.4
     python experiments/quickstart.py --smoke     # seconds (tests)
 

@@ -117,7 +117,7 @@ class Quickstart:
 
 
 def quickstart(smoke: bool = False) -> Quickstart:
-    """The quickstart's defaults: about 5 minutes on two CPU cores (smoke: seconds, the claim
+    """The quickstart's defaults: about 100 s on two idle CPU cores (smoke: seconds, the claim
     experiments' smoke sizes, so that their compiled programs are shared)."""
     if smoke:
         s = claims.SMOKE
