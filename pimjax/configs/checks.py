@@ -28,6 +28,13 @@ def sigmas(field: str, values, allow_empty: bool = False) -> None:
             raise ValueError(f"{flag(field)} has {v!r}: sigmas are finite numbers >= 0")
 
 
+def positive_sigma(field: str, value, why: str) -> None:
+    """Raise unless ``value`` is a finite sigma > 0; ``why`` says what needs it positive."""
+    sigmas(field, (value,))
+    if value <= 0:
+        raise ValueError(f"{flag(field)} must be > 0: {why}")
+
+
 def fractions(field: str, values) -> None:
     """Raise unless ``values`` are numbers in [0, 1] (and not empty)."""
     if not values:

@@ -134,15 +134,12 @@ class Between(ClaimRun):
         if QuantConfig.parse(self.quant).is_float:
             raise ValueError(f"--quant {self.quant} is float: qavat trains a quantized model "
                              "(e.g. --quant W2A4)")
-        checks.sigmas("sigma_total", (self.sigma_total,))
-        if self.sigma_total <= 0:
-            raise ValueError("--sigma-total must be > 0: it is the variation the sweep splits")
+        checks.positive_sigma("sigma_total", self.sigma_total,
+                              "it is the variation the sweep splits")
         checks.fractions("fractions", self.fractions)
         checks.choices("granularities", self.granularities, GRANULARITIES)
         if self.train_sigma is not None:
-            checks.sigmas("train_sigma", (self.train_sigma,))
-            if self.train_sigma <= 0:
-                raise ValueError("--train-sigma must be > 0: qavat trains under variation")
+            checks.positive_sigma("train_sigma", self.train_sigma, "qavat trains under variation")
 
     @property
     def qavat_sigma(self) -> float:

@@ -62,9 +62,8 @@ class Drift:
             raise ValueError(f"--train-images {self.train_images} is below --batch-size "
                              f"{self.batch_size}: an epoch would have no step")
         check_int("--seed", self.seed, 0)
-        checks.sigmas("paper_sigma", (self.paper_sigma,))
-        if self.paper_sigma <= 0:
-            raise ValueError("--paper-sigma must be > 0: qavat-paper trains under variation")
+        checks.positive_sigma("paper_sigma", self.paper_sigma,
+                              "qavat-paper trains under variation")
         if not self.times:
             raise ValueError("--times is empty: give at least one read time (seconds)")
         bad = [t for t in self.times if not (math.isfinite(t) and t >= 0)]

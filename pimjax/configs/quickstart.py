@@ -73,9 +73,7 @@ class Quickstart:
             raise ValueError("--sigma-between must be > 0: claims 2 and 3 add between-chip "
                              "variation")
         if self.train_sigma is not None:
-            checks.sigmas("train_sigma", (self.train_sigma,))
-            if self.train_sigma <= 0:
-                raise ValueError("--train-sigma must be > 0: qavat trains under variation")
+            checks.positive_sigma("train_sigma", self.train_sigma, "qavat trains under variation")
 
     @property
     def qavat_sigma(self) -> float:
