@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from functools import partial
+from pathlib import Path
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from pimjax import introspect
 from pimjax import train as T
@@ -185,3 +188,27 @@ def assert_trees_equal(a, b):
 def chip_index(chips, i: int):
     """Chip ``i`` of a chip batch (every leaf indexed on its leading axis)."""
     return jax.tree.map(lambda a: a[i], chips)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def execute_notebook(notebook: Path, tmp_path: Path, monkeypatch):
+    """Execute a notebook (its kernel imports this checkout, compiles with most optimizations
+    off and shares this session's compilation cache): (each code cell's text, notebook)."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    monkeypatch.delenv("PIMJAX_COMPILE_CACHE", raising=False)
+    monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")  # no bit-identity claims there
+    cache = jax.config.jax_compilation_cache_dir
+    if cache:  # the kernel's runtime.configure() then shares this session's compiled programs
+        (tmp_path / "cache").mkdir()
+        (tmp_path / "cache" / "jax-compile").symlink_to(cache)
+        monkeypatch.setenv("PIMJAX_CACHE_DIR", str(tmp_path / "cache"))
+    nb = nbformat.read(notebook, as_version=4)
+    nbclient.NotebookClient(nb, kernel_name="python3", timeout=600,
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    return ["".join(o.get("text", "") for o in c.outputs) for c in nb.cells
+            if c.cell_type == "code"], nb

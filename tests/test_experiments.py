@@ -18,6 +18,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from helpers import execute_notebook
 
 import pimjax.data
 from pimjax import cli, files
@@ -474,32 +475,12 @@ def test_train_then_montecarlo_scripts(tmp_path):
 # --------------------------------------------------------------------------- notebooks
 
 
-def _execute(notebook: Path, tmp_path: Path, monkeypatch):
-    """Execute a notebook (its kernel imports this checkout): (each code cell's text, notebook)."""
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
-    monkeypatch.delenv("PIMJAX_COMPILE_CACHE", raising=False)
-    monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")  # this module's level
-    cache = jax.config.jax_compilation_cache_dir
-    if cache:  # the kernel's runtime.configure() then shares this session's compiled programs
-        (tmp_path / "cache").mkdir()
-        (tmp_path / "cache" / "jax-compile").symlink_to(cache)
-        monkeypatch.setenv("PIMJAX_CACHE_DIR", str(tmp_path / "cache"))
-    nb = nbformat.read(notebook, as_version=4)
-    nbclient.NotebookClient(nb, kernel_name="python3", timeout=600,
-                            resources={"metadata": {"path": str(tmp_path)}}).execute()
-    return ["".join(o.get("text", "") for o in c.outputs) for c in nb.cells
-            if c.cell_type == "code"], nb
-
-
 def test_explore_notebook(runs, tmp_path, monkeypatch):
     qavat = sorted(p for p in runs.iterdir() if "_qavat_" in p.name and "_mnist_" in p.name)
     monkeypatch.setenv("PIMJAX_NOTEBOOK_SMOKE", "1")
     if qavat:  # reuse the smoke model trained above, else the notebook trains its own
         monkeypatch.setenv("PIMJAX_NOTEBOOK_RUN", str(qavat[0]))
-    texts, nb = _execute(ROOT / "notebooks" / "explore.ipynb", tmp_path, monkeypatch)
+    texts, nb = execute_notebook(ROOT / "notebooks" / "explore.ipynb", tmp_path, monkeypatch)
     line = next(t for t in texts if t.startswith("SUMMARY "))
     summary = json.loads(line.removeprefix("SUMMARY "))
     assert summary["chips"] == 4 and summary["test_images"] == 64
@@ -523,7 +504,7 @@ def test_tour_notebook_is_the_readme_snippet_and_runs(tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
     assert code[1].strip() in [b.strip() for b in blocks], "README and tour.ipynb differ"
     assert len([line for line in code[1].splitlines() if line.strip()]) <= 15
-    texts, _ = _execute(ROOT / "notebooks" / "tour.ipynb", tmp_path, monkeypatch)
+    texts, _ = execute_notebook(ROOT / "notebooks" / "tour.ipynb", tmp_path, monkeypatch)
     results = {}
     for line in texts[1].splitlines():
         label, _, rest = line.partition(" {")

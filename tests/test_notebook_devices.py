@@ -4,39 +4,22 @@ Its smoke sizes are the drift experiment's, so its kernel reuses the programs th
 compiled (tests/test_drift.py) through the shared persistent compilation cache.
 """
 
-import os
 import re
 from pathlib import Path
 
-import jax
-import pytest
+from helpers import execute_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "devices.ipynb"
 
 
 def test_devices_notebook_executes(tmp_path, monkeypatch):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
     monkeypatch.setenv("PIMJAX_NOTEBOOK_SMOKE", "1")
     monkeypatch.delenv("PIMJAX_NOTEBOOK_RUN", raising=False)
-    # the kernel imports this checkout's pimjax, whatever is installed
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
-    monkeypatch.delenv("PIMJAX_COMPILE_CACHE", raising=False)
-    # the kernel compiles at the level of tests/test_drift.py (most optimizations off), so
-    # the shared persistent cache serves its programs
-    monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
-    cache = jax.config.jax_compilation_cache_dir
-    if cache:  # the kernel's runtime.configure() then shares this session's compiled programs
-        (tmp_path / "cache").mkdir()
-        (tmp_path / "cache" / "jax-compile").symlink_to(cache)
-        monkeypatch.setenv("PIMJAX_CACHE_DIR", str(tmp_path / "cache"))
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    nbclient.NotebookClient(nb, kernel_name="python3", timeout=600,
-                            resources={"metadata": {"path": str(tmp_path)}}).execute()
-    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
-                   for o in c.outputs)
+    # its kernel compiles at the level of tests/test_drift.py (most optimizations off), so the
+    # shared persistent cache serves its programs
+    texts, nb = execute_notebook(NOTEBOOK, tmp_path, monkeypatch)
+    text = "".join(texts)
     for expected in ("programmed std", "overall gain", "output noise std measured",
                      "compensation gain", "mean accuracy over"):
         assert expected in text, expected
