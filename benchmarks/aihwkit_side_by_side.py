@@ -117,29 +117,6 @@ def pimjax_model(run: str | None, images):
     return model, {**v, **upd}
 
 
-def export(model, variables, images, labels, path: Path) -> Path:
-    """The weights aihwkit_lenet.build_lenet reads (quantized kernels), images and labels."""
-    import flax
-    import numpy as np
-
-    from pimjax import introspect
-    from pimjax.quant import quantize_weights, weight_scale
-
-    q = model.quant
-    flat = {}
-    for col in ("params", "batch_stats"):
-        for k, v in flax.traverse_util.flatten_dict(variables.get(col, {}), sep="/").items():
-            flat[k] = np.asarray(v, np.float32)
-    for layer in introspect.analog_layers(model):
-        name = f"{layer.name}/kernel"
-        if q.weight_bits is not None:
-            s = weight_scale(flat[name], q.weight_bits, q.weight_scale, q.weight_per_channel)
-            flat[name] = np.asarray(quantize_weights(flat[name], q.weight_bits, s), np.float32)
-    np.savez(path, images=np.asarray(images, np.float32), labels=np.asarray(labels),
-             act_bits=np.int64(q.act_bits or 0), **flat)
-    return path
-
-
 def pimjax_device(setup: str):
     """pimjax's device of a setup name."""
     from pimjax import devices
@@ -183,6 +160,7 @@ def main(argv=None) -> int:
     runtime.configure()
     import jax
     import numpy as np
+    from aihwkit_lenet_compare import export  # the LeNet-5 export aihwkit_lenet.py reads
 
     from pimjax import data, montecarlo
 
