@@ -31,33 +31,13 @@ def child(name: str, device_name: str, chips: int, images: int, cache: str) -> i
 
     runtime.configure(compile_cache=cache)
     import jax
-    import numpy as np
+    from random_net import random_workload
 
-    from pimjax import devices, montecarlo
-    from pimjax.models import get_model
+    from pimjax import montecarlo
 
     imported = time.perf_counter() - start
-    model = get_model(name, quant="W2A4")
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(images, *model.input_shape)).astype(np.float32)
-    y = rng.integers(0, 10, images).astype(np.int32)
-    device = devices.paper(0.3) if device_name == "paper" else devices.pcm()
     # variables without compiling model.init: abstract shapes filled by NumPy, calibrated clips
-    abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), x[:1])
-
-    def fill(path, leaf):
-        """A variable filled by NumPy."""
-        key = str(getattr(path[-1], "key", path[-1]))
-        if key in ("act_max", "var", "scale", "gain"):
-            return np.ones(leaf.shape, leaf.dtype) * (3.0 if key == "act_max" else 1.0)
-        if key == "act_min":
-            return np.full(leaf.shape, -1.0, leaf.dtype)
-        if key == "kernel":
-            return (rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))).astype(
-                leaf.dtype)
-        return np.zeros(leaf.shape, leaf.dtype)
-
-    variables = jax.tree_util.tree_map_with_path(fill, abstract)
+    model, variables, (x, y), device = random_workload(name, device_name, images)
     times = []
     for _ in range(2):
         t = time.perf_counter()
