@@ -35,7 +35,7 @@ from typing import Annotated
 import common
 import grid
 
-from pimjax import cli, distributed, files
+from pimjax import cli, distributed, files, montecarlo
 from pimjax.configs import claims, setups
 from pimjax.devices import VariabilityModel
 
@@ -197,7 +197,7 @@ def gain_se(best: dict, qavat: dict) -> float | None:
     chips and test images (None without the per-chip and per-image accuracies)."""
     if any(k not in r for r in (best, qavat) for k in common.ARRAYS):
         return None
-    return common.difference(qavat["chip_accuracy"], qavat["image_accuracy"],
+    return montecarlo.paired_difference(qavat["chip_accuracy"], qavat["image_accuracy"],
                              best["chip_accuracy"], best["image_accuracy"])[1]
 
 

@@ -205,19 +205,6 @@ def without_arrays(rows) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in ARRAYS} for r in rows]
 
 
-def difference(a_chips, a_images, b_chips, b_images) -> tuple[float, float]:
-    """Mean accuracy of sweep a minus sweep b and its standard error, for two sweeps of the
-    same chips and test images (per-chip ``[N]`` and per-image ``[M]`` accuracies of each;
-    a nominal model evaluated once has one chip, which pairs with every chip of the other)."""
-    a_c, b_c = np.asarray(a_chips, np.float64), np.asarray(b_chips, np.float64)
-    d = (a_c - b_c) if a_c.size == b_c.size else (a_c.mean() - b_c if a_c.size == 1
-                                                   else a_c - b_c.mean())
-    img = None
-    if a_images is not None and b_images is not None:
-        img = np.asarray(a_images, np.float64) - np.asarray(b_images, np.float64)
-    return float(d.mean()), montecarlo.paired_standard_error(d, img)
-
-
 @functools.lru_cache(maxsize=8)
 def _logits(model):
     return jax.jit(lambda variables, x: model.apply(variables, x))
@@ -541,7 +528,7 @@ def with_tuning_gains(rows: list[dict]) -> list[dict]:
         gain = se = None
         if r["self_tune"] != "none" and base is not None and all(
                 k in x for x in (r, base) for k in ARRAYS):
-            gain, se = difference(r["chip_accuracy"], r["image_accuracy"],
+            gain, se = montecarlo.paired_difference(r["chip_accuracy"], r["image_accuracy"],
                                   base["chip_accuracy"], base["image_accuracy"])
         out.append(dict(r, gain_vs_untuned=gain, gain_vs_untuned_se=se))
     return out

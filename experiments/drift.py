@@ -106,7 +106,7 @@ def differences(points: list[Point], baseline: str, by: str) -> list[dict]:
     ``by="compensation"``: each compensation minus ``baseline`` (e.g. ``drift``) for the same
     model and time; ``by="model"``: each model minus ``baseline`` (e.g. ``qat``) for the same
     compensation and time. Each row has the difference and its standard error over chips
-    and images (:func:`pimjax.montecarlo.paired_standard_error`).
+    and images (:func:`pimjax.montecarlo.paired_difference`).
     """
     other = "model" if by == "compensation" else "compensation"
     index = {(p.row[by], p.row[other], p.row["t"]): p for p in points}
@@ -115,10 +115,10 @@ def differences(points: list[Point], baseline: str, by: str) -> list[dict]:
         base = index.get((baseline, group, t))
         if name == baseline or base is None:
             continue
-        d = p.accuracy - base.accuracy
-        se = montecarlo.paired_standard_error(d, p.image_accuracy - base.image_accuracy)
+        diff, se = montecarlo.paired_difference(p.accuracy, p.image_accuracy, base.accuracy,
+                                                base.image_accuracy)
         out.append({by: f"{name} - {baseline}", other: group, "t": t, "time": p.row["time"],
-                    "diff": float(d.mean()), "se": se})
+                    "diff": diff, "se": se})
     return out
 
 

@@ -405,16 +405,26 @@ def paired_standard_error(chip_values, image_values=None) -> float:
     return float(np.sqrt(var))
 
 
+def paired_difference(a_chips, a_images, b_chips, b_images) -> tuple[float, float]:
+    """Mean accuracy of sweep a minus sweep b and its standard error, for two sweeps of the
+    same chips and test images (per-chip ``[N]`` and per-image ``[M]`` accuracies of each, or
+    None for the images; a nominal model evaluated once has one chip, which pairs with every
+    chip of the other)."""
+    a_c, b_c = np.asarray(a_chips, np.float64), np.asarray(b_chips, np.float64)
+    d = (a_c - b_c) if a_c.size == b_c.size else (a_c.mean() - b_c if a_c.size == 1
+                                                   else a_c - b_c.mean())
+    img = None
+    if a_images is not None and b_images is not None:
+        img = np.asarray(a_images, np.float64) - np.asarray(b_images, np.float64)
+    return float(d.mean()), paired_standard_error(d, img)
+
+
 def difference(a: ChipResults, b: ChipResults) -> tuple[float, float]:
     """Mean accuracy of ``a`` minus ``b`` and its standard error, for two sweeps of the same
     chips (key) and test images (e.g. two models, or a model before and after tuning)."""
     if a.accuracy.shape != b.accuracy.shape or a.num_images != b.num_images:
         raise ValueError("difference needs two sweeps of the same chips and images")
-    img = None
-    if a.image_accuracy is not None and b.image_accuracy is not None:
-        img = a.image_accuracy - b.image_accuracy
-    d = np.asarray(a.accuracy) - np.asarray(b.accuracy)
-    return float(d.mean()), paired_standard_error(d, img)
+    return paired_difference(a.accuracy, a.image_accuracy, b.accuracy, b.image_accuracy)
 
 
 def summarize(accuracy, nominal_accuracy=None, thresholds=(), drops=(0.01, 0.05), loss=None,
