@@ -7,6 +7,7 @@ number of chips and of test images, and ``smoke`` (seconds-long sizes for tests)
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 from pimjax import data, selftune
@@ -41,6 +42,8 @@ class ClaimRun:
     batch_size: int = 128
     seed: int = 0
     """training seed; chip i of every evaluation is fold_in(key(seed + 1), i)"""
+    width: float | None = None
+    """channel width multiplier of the model (default: the setup's, e.g. 0.25 for vgg11-narrow)"""
     digital_first_last: bool = False
     """keep the first and last layers digital (no variation)"""
     smoke: bool = False
@@ -53,6 +56,10 @@ class ClaimRun:
         for field in ("train_images", "test_images"):
             checks.positive(field, getattr(self, field), allow_none=True)
         check_int("--seed", self.seed, 0)
+        if self.width is not None and not (isinstance(self.width, (int, float))
+                                           and math.isfinite(self.width) and self.width > 0):
+            raise ValueError(f"--width {self.width} must be a number > 0: it multiplies the "
+                             "channel counts (e.g. --width 0.5)")
         if self.train_images is not None and self.train_images < self.batch_size:
             raise ValueError(f"--train-images {self.train_images} is below --batch-size "
                              f"{self.batch_size}: an epoch would have no step")
@@ -74,7 +81,7 @@ class ClaimRun:
             train_method, quant, sigma_within, dataset=self.dataset_name,
             data_dir=self.data_dir, epochs=self.epochs, train_images=self.train_images,
             test_images=self.test_images, batch_size=self.batch_size, seed=self.seed,
-            digital_first_last=self.digital_first_last, ptq_from=ptq_from,
+            width=self.width, digital_first_last=self.digital_first_last, ptq_from=ptq_from,
             calib_batches=calib_batches)
 
 

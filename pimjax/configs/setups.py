@@ -35,17 +35,19 @@ class Setup:
                      between_granularity: str = "chip", *, dataset: str | None = None,
                      data_dir: str | None = None, epochs: int | None = None,
                      train_images: int | None = None, test_images: int | None = None,
-                     batch_size: int | None = None, seed: int = 0,
+                     batch_size: int | None = None, seed: int = 0, width: float | None = None,
                      digital_first_last: bool = False, ptq_from: str | None = None,
                      calib_batches: int = 50) -> TrainConfig:
         """The :class:`TrainConfig` of one run of this setup (None: the setup's value; for
-        ``train_images``/``test_images`` None means the whole split)."""
+        ``train_images``/``test_images`` None means the whole split; ``width`` None: the
+        setup's channel multiplier)."""
         quant = quant if isinstance(quant, QuantConfig) else QuantConfig.parse(quant)
         optim = dataclasses.replace(self.optim, epochs=epochs or self.optim.epochs,
                                     batch_size=batch_size or self.optim.batch_size)
         return TrainConfig(
             train_method=train_method,
-            model=dataclasses.replace(self.model, digital_first_last=digital_first_last),
+            model=dataclasses.replace(self.model, width=width or self.model.width,
+                                      digital_first_last=digital_first_last),
             data=DataConfig(dataset or self.dataset, data_dir, train_images, test_images),
             quant=quant,
             device=DeviceConfig(sigma_within=sigma_within, sigma_between=sigma_between,
