@@ -7,7 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pimjax.devices.periphery import Periphery, conv_patches, kernel_rows, split_sizes
+from pimjax.devices.periphery import (
+    Periphery,
+    conv_patches,
+    in_blocks,
+    kernel_rows,
+    read_noise,
+    split_sizes,
+)
 
 ADC_STEP = 24.0 / 510  # 9 bits over +-12: 2 * 12 / (2^9 - 2)
 DAC_STEP = 2.0 / 126  # 7 bits over +-1
@@ -152,6 +159,49 @@ def test_conv_patches_and_kernel_rows_order():
     np.testing.assert_array_equal(p, np_patches(x, 3, 2))
     rows = np.asarray(kernel_rows(jnp.asarray(w)))
     np.testing.assert_array_equal(rows, w.transpose(2, 0, 1, 3).reshape(-1, 4))
+
+
+def lax_patches(x, kernel_size, strides, padding):
+    """The oracle: JAX's own im2col (a one-hot grouped conv), rows in (c, kh, kw) order."""
+    lead = x.shape[:-3]
+    p = jax.lax.conv_general_dilated_patches(
+        x.reshape((-1, *x.shape[-3:])), kernel_size, strides, padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return p.reshape((*lead, *p.shape[-3:]))
+
+
+@pytest.mark.parametrize("shape, kernel_size, strides, padding", [
+    ((2, 28, 28, 1), (5, 5), (1, 1), "SAME"),
+    ((3, 2, 14, 14, 6), (5, 5), (1, 1), "VALID"),  # a chip batch
+    ((9, 9, 9, 3), (3, 3), (2, 2), "SAME"),  # 9 images: blocks of 1
+    ((2, 8, 7, 4), (3, 2), (2, 1), ((1, 2), (0, 1))),
+    ((7, 7, 5), (1, 1), (2, 2), "VALID"),  # one image, no batch
+])
+def test_conv_patches_equal_lax_patches(shape, kernel_size, strides, padding):
+    x = jax.random.normal(jax.random.key(11), shape)
+    got = jax.jit(conv_patches, static_argnums=(1, 2, 3))(x, kernel_size, strides, padding)
+    np.testing.assert_array_equal(got, lax_patches(x, kernel_size, strides, padding))
+    g = jax.grad(lambda x: jnp.sum(jnp.sin(conv_patches(x, kernel_size, strides, padding))))(x)
+    g_ref = jax.grad(lambda x: jnp.sum(jnp.sin(lax_patches(x, kernel_size, strides, padding))))(x)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("key_shape, rest, count", [((3, 4), (5, 6), 1), ((3, 4), (5, 6), 2),
+                                                    ((13,), (7,), 1), ((), (4, 3), 3)])
+def test_read_noise_is_jax_random_normal_per_key(key_shape, rest, count):
+    keys = jax.random.split(jax.random.key(12), max(1, math.prod(key_shape))).reshape(key_shape)
+    flat = keys.reshape(-1)
+    want = jax.vmap(lambda k: jax.random.normal(k, (count, *rest)))(flat)
+    want = jnp.moveaxis(want.reshape((*key_shape, count, *rest)), len(key_shape), 0)
+    got = jax.jit(read_noise, static_argnums=(1, 2))(keys, (*key_shape, *rest), count)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 24])
+def test_in_blocks_equals_vmap(rows):
+    xs = jnp.arange(rows * 3, dtype=jnp.float32).reshape(rows, 3)
+    fn = lambda r: jnp.cumsum(r) * 2.0  # noqa: E731
+    np.testing.assert_array_equal(jax.jit(lambda x: in_blocks(fn, x))(xs), jax.vmap(fn)(xs))
 
 
 def test_conv_matches_numpy_oracle_per_patch():

@@ -34,7 +34,9 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from pimjax import draws
 from pimjax.devices.mapping import broadcast_scale, mapping_scale
 
 NOISE_MANAGEMENTS = ("abs_max", "none")
@@ -46,6 +48,10 @@ BOUND_MANAGEMENTS = ("none", "iterative")
 # an 8-bit activation grid lie >= 1/510 of a level from a tie, the DAC's float error is
 # ~1e-5 levels; a value that is not on a grid lands this close to a tie with probability 2e-4.
 TIE_TOLERANCE = 1e-4
+# Read noise and conv patches are computed in >= this many blocks of their leading axis (a
+# lax.map), which makes XLA materialize them once instead of fusing them into each consumer
+# (see in_blocks).
+MIN_BLOCKS = 8
 
 
 @jax.custom_vjp
@@ -66,6 +72,22 @@ def _rhe_bwd(_, g):
 
 
 round_half_even.defvjp(_rhe_fwd, _rhe_bwd)
+
+
+def in_blocks(fn, xs):
+    """``jax.vmap(fn)(xs)``, computed as a ``lax.map`` over >= :data:`MIN_BLOCKS` blocks of
+    ``xs``'s leading axis so that XLA materializes the result once.
+
+    Fused into its consumers instead, a gather or a hash is emitted in each consumer's loop:
+    per-read noise drawn in LeNet-5's conv1 layout (6 channels innermost) ran 6x slower than
+    drawn flat, and conv patches read by noise management and the DAC were gathered twice
+    (benchmarks/pcm_profile.py).
+    """
+    rows = jax.tree_util.tree_leaves(xs)[0].shape[0]
+    steps = next((s for s in range(MIN_BLOCKS, rows + 1) if rows % s == 0), rows)
+    if steps <= 1:
+        return jax.vmap(fn)(xs)
+    return jax.lax.map(fn, xs, batch_size=rows // steps)
 
 
 def split_sizes(size: int, max_size: int) -> list[int]:
@@ -96,12 +118,25 @@ def clip(x, bound):
 
 
 def conv_patches(x, kernel_size, strides=(1, 1), padding="SAME"):
-    """im2col: ``x [..., H, W, C] -> [..., H', W', C*kh*kw]``, each patch in (c, kh, kw) order."""
-    lead = x.shape[:-3]
-    p = jax.lax.conv_general_dilated_patches(
-        x.reshape((-1, *x.shape[-3:])), tuple(kernel_size), tuple(strides), padding,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return p.reshape((*lead, *p.shape[-3:]))
+    """im2col: ``x [..., H, W, C] -> [..., H', W', C*kh*kw]``, each patch in (c, kh, kw) order.
+
+    A gather from each padded image, flattened (a copy, exact), in blocks (:func:`in_blocks`);
+    ``lax.conv_general_dilated_patches`` computes the same as a grouped one-hot conv, 1.8x
+    slower on XLA:CPU for LeNet-5's conv2 (benchmarks/pcm_profile.py).
+    """
+    kh, kw = (int(k) for k in kernel_size)
+    sh, sw = (int(s) for s in strides)
+    pads = (jax.lax.padtype_to_pads(x.shape[-3:-1], (kh, kw), (sh, sw), padding)
+            if isinstance(padding, str) else [tuple(p) for p in padding])
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 3) + [*pads, (0, 0)])
+    *lead, h, w, c = x.shape
+    ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
+    i, j, ch, a, b = np.ix_(np.arange(ho), np.arange(wo), np.arange(c), np.arange(kh),
+                            np.arange(kw))
+    index = jnp.asarray((((i * sh + a) * w + (j * sw + b)) * c + ch).reshape(-1), jnp.int32)
+    images = x.reshape((-1, h * w * c))
+    p = in_blocks(lambda image: jnp.take(image, index, mode="clip"), images)
+    return p.reshape((*lead, ho, wo, c * kh * kw))
 
 
 def kernel_rows(w):
@@ -118,20 +153,21 @@ def _as_typed_key(key):
     return jax.random.wrap_key_data(key)
 
 
-def read_noise(key, shape, draws: int = 1):
-    """``[draws, *shape]`` standard normals; a key batch (a prefix of ``shape``) draws per slice."""
+def read_noise(key, shape, count: int = 1):
+    """``[count, *shape]`` standard normals; a key batch (a prefix of ``shape``) draws per slice."""
     key = _as_typed_key(key)
     nb = key.ndim
     if tuple(shape[:nb]) != tuple(key.shape):
         raise ValueError(
             f"key batch shape {key.shape} must be a prefix of the output shape {tuple(shape)}")
-    # jax.random's own draw (not pimjax.draws): on CPU its hash is a loop whose output is
-    # materialized once; an unrolled hash would be fused into, and recomputed by, each of
-    # the noise's consumers (a max pool reads every output four times)
-    flat = key.reshape(-1)
-    z = jax.vmap(lambda k: jax.random.normal(k, (draws, *shape[nb:]), jnp.float32))(flat)
-    z = z.reshape((*key.shape, draws, *shape[nb:]))
-    return jnp.moveaxis(z, nb, 0)
+    # pimjax.draws computes jax.random's bits as one elementwise pass, 5x faster than
+    # jax.random's own loop on CPU, vectorized when drawn flat per key (in_blocks)
+    rest = tuple(shape[nb:])
+    size = count * math.prod(rest)
+    z = in_blocks(lambda k: draws.normal(k, (size,)), key.reshape(-1))
+    if count == 1:  # a plain reshape (a moved size-1 axis is a copy in XLA:CPU)
+        return z.reshape((1, *key.shape, *rest))
+    return jnp.moveaxis(z.reshape((*key.shape, count, *rest)), nb, 0)
 
 
 @dataclasses.dataclass(frozen=True)
