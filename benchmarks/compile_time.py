@@ -9,6 +9,7 @@ directories; medians are printed.
 
     PYTHONPATH=. python benchmarks/compile_time.py
     PYTHONPATH=. python benchmarks/compile_time.py --models lenet5 --devices paper,pcm
+    PYTHONPATH=. python benchmarks/compile_time.py --devices paper,pcm --chips 8 --images 64
 """
 
 from __future__ import annotations
@@ -65,12 +66,25 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="lenet5,resnet20")
     p.add_argument("--devices", default="paper", help="paper and/or pcm")
     p.add_argument("--repeat", type=int, default=2, help="cold/warm pairs (median)")
+    p.add_argument("--chips", type=int, default=None,
+                   help="chips of every sweep (default: 100 for LeNet-5, 16 for ResNet-20); a "
+                        "small sweep keeps its run time out of the compile figure")
+    p.add_argument("--images", type=int, default=None, help="images of every sweep (default: "
+                   "1000 for LeNet-5, 256 for ResNet-20)")
     args = p.parse_args(argv)
+    if (args.chips is not None and args.chips < 1) or (args.images is not None
+                                                       and args.images < 1):
+        p.error("--chips and --images must be >= 1")
     if args.child:
         name, device, chips, images, cache = args.child
         return child(name, device, int(chips), int(images), cache)
+    chips, images = args.chips, args.images
     args.chips = {"lenet5": 100, "resnet20": 16, "vgg11": 16, "resnet18": 4}
     args.images = {"lenet5": 1000, "resnet20": 256, "vgg11": 256, "resnet18": 64}
+    if chips is not None:
+        args.chips = dict.fromkeys(args.chips, chips)
+    if images is not None:
+        args.images = dict.fromkeys(args.images, images)
     print(f"{os.cpu_count()} cores; each figure: median over {args.repeat} fresh processes")
     print("model     device  chips x images   cold: first  compile | warm: first  compile "
           "| steady sweep")

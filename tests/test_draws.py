@@ -66,7 +66,14 @@ def test_chip_and_read_keys_equal_fold_in_chains():
         root = jax.random.fold_in(jax.random.fold_in(k, devices.base.READ_STREAM), 1)
         return jax.vmap(lambda n: jax.random.fold_in(root, n))(ids)
 
-    np.testing.assert_array_equal(devices.read_keys(chips, ids, 1), jax.vmap(per_chip)(chips))
+    want = jax.vmap(per_chip)(chips)
+    np.testing.assert_array_equal(devices.read_keys(chips, ids, 1), want)
+    typed = devices.read_keys(jax.random.wrap_key_data(chips), ids, 1)  # typed in, typed out
+    np.testing.assert_array_equal(jax.random.key_data(typed), want)
+    # a layer's read keys: fold_in of its index, for raw and typed key arrays alike
+    folded = jax.vmap(jax.vmap(lambda k: jax.random.fold_in(k, 7)))(want)
+    for keys in (want, typed):
+        np.testing.assert_array_equal(jax.random.key_data(devices.fold_keys(keys, 7)), folded)
 
 
 @pytest.mark.parametrize("shape", [(9,), (2, 33, 5)])

@@ -157,12 +157,7 @@ def fold_keys(keys, data: int):
     keys = jnp.asarray(keys) if not isinstance(keys, jax.Array) else keys
     if not jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key):
         keys = jax.random.wrap_key_data(keys)
-    # jax.random's fold_in (not pimjax.draws): these are the per-read keys of a forward pass,
-    # and an unrolled hash would be fused into, and recomputed by, every noise value drawn
-    # from them
-    flat = keys.reshape(-1)
-    out = jax.vmap(lambda k: jax.random.fold_in(k, data))(flat)
-    return out.reshape(keys.shape)
+    return draws.fold_in(keys, data)
 
 
 def part_key(key, index: int):
@@ -234,11 +229,11 @@ def read_keys(chip_keys, image_ids, stream: int = 0):
     draws the same noise for it whatever its chunking; ``stream`` separates uses
     (:data:`EVAL_READS`: evaluation, :data:`TUNE_READS`: self-tuning's calibration reads).
     """
-    def per_chip(k):  # jax.random, as fold_keys
-        root = jax.random.fold_in(jax.random.fold_in(k, READ_STREAM), stream)
-        return jax.vmap(lambda n: jax.random.fold_in(root, n))(image_ids)
-
-    return jax.vmap(per_chip)(chip_keys)
+    keys = jnp.asarray(chip_keys) if not isinstance(chip_keys, jax.Array) else chip_keys
+    root = draws.fold_in(draws.fold_in(keys, READ_STREAM), stream)
+    typed = jax.dtypes.issubdtype(root.dtype, jax.dtypes.prng_key)
+    root = root[:, None] if typed else root[:, None, :]
+    return draws.fold_in(root, jnp.asarray(image_ids, jnp.uint32)[None, :])
 
 
 def with_read_keys(chip, keys):

@@ -160,11 +160,17 @@ def read_noise(key, shape, count: int = 1):
     if tuple(shape[:nb]) != tuple(key.shape):
         raise ValueError(
             f"key batch shape {key.shape} must be a prefix of the output shape {tuple(shape)}")
-    # pimjax.draws computes jax.random's bits as one elementwise pass, 5x faster than
-    # jax.random's own loop on CPU, vectorized when drawn flat per key (in_blocks)
+    # Many keys (one per image, or per chip and image): pimjax.draws computes jax.random's
+    # bits as one elementwise pass, 5x faster than jax.random's own loop on CPU, vectorized
+    # when drawn flat per key (in_blocks). One key (a training step's rng): jax.random, whose
+    # loop materializes the draw once.
     rest = tuple(shape[nb:])
     size = count * math.prod(rest)
-    z = in_blocks(lambda k: draws.normal(k, (size,)), key.reshape(-1))
+    flat = key.reshape(-1)
+    if flat.shape[0] > 1:
+        z = in_blocks(lambda k: draws.normal(k, (size,)), flat)
+    else:
+        z = jax.random.normal(flat[0], (1, size), jnp.float32)
     if count == 1:  # a plain reshape (a moved size-1 axis is a copy in XLA:CPU)
         return z.reshape((1, *key.shape, *rest))
     return jnp.moveaxis(z.reshape((*key.shape, count, *rest)), nb, 0)
