@@ -78,9 +78,10 @@ def in_blocks(fn, xs):
     """``jax.vmap(fn)(xs)``, computed as a ``lax.map`` over >= :data:`MIN_BLOCKS` blocks of
     ``xs``'s leading axis so that XLA materializes the result once.
 
-    Fused into its consumers instead, a gather or a hash is emitted in each consumer's loop:
-    per-read noise drawn in LeNet-5's conv1 layout (6 channels innermost) ran 6x slower than
-    drawn flat, and conv patches read by noise management and the DAC were gathered twice
+    Fused into its consumers instead, a gather or a hash is emitted in each consumer's loop
+    and layout: per-read noise drawn in LeNet-5's conv1 layout (6 channels innermost) does
+    not vectorize, and conv patches read by noise management and the DAC were gathered twice.
+    The pcm sweep's output noise took 45% of its time before, 10% after
     (benchmarks/pcm_profile.py).
     """
     rows = jax.tree_util.tree_leaves(xs)[0].shape[0]
@@ -121,8 +122,8 @@ def conv_patches(x, kernel_size, strides=(1, 1), padding="SAME"):
     """im2col: ``x [..., H, W, C] -> [..., H', W', C*kh*kw]``, each patch in (c, kh, kw) order.
 
     A gather from each padded image, flattened (a copy, exact), in blocks (:func:`in_blocks`);
-    ``lax.conv_general_dilated_patches`` computes the same as a grouped one-hot conv, 1.8x
-    slower on XLA:CPU for LeNet-5's conv2 (benchmarks/pcm_profile.py).
+    ``lax.conv_general_dilated_patches`` computes the same as a grouped one-hot conv, 2.8x
+    slower on XLA:CPU for LeNet-5's conv2 patches (benchmarks/chip_layers.py).
     """
     kh, kw = (int(k) for k in kernel_size)
     sh, sw = (int(s) for s in strides)
@@ -161,7 +162,7 @@ def read_noise(key, shape, count: int = 1):
         raise ValueError(
             f"key batch shape {key.shape} must be a prefix of the output shape {tuple(shape)}")
     # Many keys (one per image, or per chip and image): pimjax.draws computes jax.random's
-    # bits as one elementwise pass, 5x faster than jax.random's own loop on CPU, vectorized
+    # bits as one elementwise pass, faster than jax.random's own loop on CPU and vectorized
     # when drawn flat per key (in_blocks). One key (a training step's rng): jax.random, whose
     # loop materializes the draw once.
     rest = tuple(shape[nb:])
