@@ -32,7 +32,6 @@ import os
 import time
 
 import jax
-import numpy as np
 from montecarlo import READ_TIME, calibrated_model, load_images
 
 from pimjax import devices, montecarlo, runtime
@@ -110,5 +109,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    np.set_printoptions(precision=3)
     main()
