@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pimjax import perchip, runtime
+from pimjax import ops, perchip, runtime
 from pimjax.devices.periphery import Periphery, conv_patches, kernel_rows
 
 
@@ -113,15 +113,14 @@ def main(argv=None):
 
     x1, w1 = layers[0][1], layers[0][2]
     wide = jnp.moveaxis(w1, 0, -2).reshape(5, 5, 1, c * 6)
-    y1 = jax.lax.conv_general_dilated(x1, wide, (1, 1), "SAME",
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y1 = ops.conv2d(x1, wide, (1, 1), "SAME")
 
     def move(y):
         return jnp.moveaxis(y.reshape(*y.shape[:-1], c, 6), -2, 0)
 
     print("\nconv1 (shared input) in parts:")
     print(f"  wide conv alone [B, H, W, C*6]           "
-          f"{best_ms(lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')), x1, wide):8.1f}")  # noqa: E501
+          f"{best_ms(lambda x, w: ops.conv2d(x, w, (1, 1), 'SAME'), x1, wide):8.1f}")
     print(f"  move to chip-major [C, B, H, W, 6], alone {best_ms(move, y1):8.1f}")
     print(f"  the move fused into a ReLU               "
           f"{best_ms(lambda y: jnp.maximum(move(y), 0.0), y1):8.1f}")

@@ -24,6 +24,9 @@ import sys
 import tempfile
 import time
 
+CHIPS = {"lenet5": 100, "resnet20": 16, "vgg11": 16, "resnet18": 4}  # per sweep, by model
+IMAGES = {"lenet5": 1000, "resnet20": 256, "vgg11": 256, "resnet18": 64}
+
 
 def child(name: str, device_name: str, chips: int, images: int, cache: str) -> int:
     """(child process) One sweep twice; prints ``{"first", "second", "import"}`` seconds."""
@@ -78,13 +81,8 @@ def main(argv=None) -> int:
     if args.child:
         name, device, chips, images, cache = args.child
         return child(name, device, int(chips), int(images), cache)
-    chips, images = args.chips, args.images
-    args.chips = {"lenet5": 100, "resnet20": 16, "vgg11": 16, "resnet18": 4}
-    args.images = {"lenet5": 1000, "resnet20": 256, "vgg11": 256, "resnet18": 64}
-    if chips is not None:
-        args.chips = dict.fromkeys(args.chips, chips)
-    if images is not None:
-        args.images = dict.fromkeys(args.images, images)
+    args.chips = {m: n if args.chips is None else args.chips for m, n in CHIPS.items()}
+    args.images = {m: n if args.images is None else args.images for m, n in IMAGES.items()}
     print(f"{os.cpu_count()} cores; each figure: median over {args.repeat} fresh processes")
     print("model     device  chips x images   cold: first  compile | warm: first  compile "
           "| steady sweep")

@@ -5,11 +5,9 @@ compiled (tests/test_drift.py) through the shared persistent compilation cache.
 """
 
 import re
-from pathlib import Path
 
-from helpers import execute_notebook
+from helpers import ROOT, execute_notebook
 
-ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "devices.ipynb"
 
 

@@ -229,8 +229,7 @@ def read_keys(chip_keys, image_ids, stream: int = 0):
     draws the same noise for it whatever its chunking; ``stream`` separates uses
     (:data:`EVAL_READS`: evaluation, :data:`TUNE_READS`: self-tuning's calibration reads).
     """
-    keys = jnp.asarray(chip_keys) if not isinstance(chip_keys, jax.Array) else chip_keys
-    root = draws.fold_in(draws.fold_in(keys, READ_STREAM), stream)
+    root = draws.fold_in(draws.fold_in(chip_keys, READ_STREAM), stream)
     typed = jax.dtypes.issubdtype(root.dtype, jax.dtypes.prng_key)
     root = root[:, None] if typed else root[:, None, :]
     return draws.fold_in(root, jnp.asarray(image_ids, jnp.uint32)[None, :])
