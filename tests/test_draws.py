@@ -112,6 +112,29 @@ def test_normals_under_jit_with_odd_sizes():
         np.testing.assert_array_equal(g, _ref_keys(k, lambda kk, s=s: jax.random.normal(kk, s)))
 
 
+def test_normals_with_repeated_shapes_draw_each_key_on_its_own():
+    """Draws of one shape share a hash: each must still be its own key's jax.random draw."""
+    keys = [draws.fold_in(KEYS, i) for i in range(5)]
+    shapes = [(3, 4), (7,), (3, 4), (3, 4), (7,)]
+    got = jax.jit(lambda ks: draws.normals(ks, shapes))(keys)
+    for g, k, s in zip(got, keys, shapes, strict=True):
+        np.testing.assert_array_equal(g, _ref_keys(k, lambda kk, s=s: jax.random.normal(kk, s)))
+    assert not np.array_equal(got[0], got[2])
+
+
+@pytest.mark.parametrize("typed", [False, True])
+def test_fold_ins_equal_fold_in_of_each_index(typed):
+    keys = jax.random.wrap_key_data(KEYS) if typed else KEYS
+    got = jax.jit(lambda k: draws.fold_ins(k, 6))(keys)
+    assert len(got) == 6
+    for i, g in enumerate(got):
+        assert jax.dtypes.issubdtype(g.dtype, jax.dtypes.prng_key) == typed
+        g = jax.random.key_data(g) if typed else g
+        np.testing.assert_array_equal(g, _ref(lambda k, i=i: jax.random.fold_in(k, i)))
+    one = draws.fold_ins(jax.random.PRNGKey(4), 3)[2]  # a single key, not a batch
+    np.testing.assert_array_equal(one, jax.random.fold_in(jax.random.PRNGKey(4), 2))
+
+
 def _ref_keys(keys, draw):
     """jax.random's draw over a given key batch."""
     return jax.jit(jax.vmap(draw))(keys)

@@ -34,7 +34,7 @@ class GlobalDriftCompensation:
     def sample(self, key, template):
         """Chip state: the output-noise normals of the two reference reads of every layer."""
         leaves, treedef = jax.tree_util.tree_flatten(template)
-        out = draws.normals([draws.fold_in(key, i) for i in range(len(leaves))],
+        out = draws.normals(draws.fold_ins(key, len(leaves)),
                             [(2, *jnp.shape(leaf)) for leaf in leaves])
         return jax.tree_util.tree_unflatten(treedef, out)
 

@@ -143,10 +143,10 @@ class PCM:
         leaves, treedef = jax.tree_util.tree_flatten(template)
         if not leaves:
             raise ValueError("template has no arrays: pass the model's analog kernels")
-        layer_keys = [draws.fold_in(key, i) for i in range(len(leaves))]
-        keys = [draws.fold_in(k, s) for k in layer_keys for s in range(len(STREAMS))]
+        layer_keys = draws.fold_ins(key, len(leaves))
+        keys = [k for lk in layer_keys for k in draws.fold_ins(lk, len(STREAMS))]
         shapes = [tuple(jnp.shape(leaf)) for leaf in leaves for _ in STREAMS]
-        zs = iter(draws.normals(keys, shapes))  # every layer and stream in one fused draw
+        zs = iter(draws.normals(keys, shapes))  # one hash per distinct layer shape
         out = []
         for k, leaf in zip(layer_keys, leaves, strict=True):
             state = {name: next(zs) for name in STREAMS}

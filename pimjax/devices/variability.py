@@ -110,8 +110,8 @@ class VariabilityModel:
         k_within = draws.fold_in(key, _WITHIN)
         between = jax.tree_util.tree_leaves(between_factors(key, self, template))
         shapes = [tuple(jnp.shape(leaf)) for leaf in leaves]
-        if self.sigma_within > 0:  # all layers in one fused draw (pimjax.draws)
-            zs = draws.normals([draws.fold_in(k_within, i) for i in range(len(leaves))], shapes)
+        if self.sigma_within > 0:  # one hash per distinct layer shape (pimjax.draws.normals)
+            zs = draws.normals(draws.fold_ins(k_within, len(leaves)), shapes)
             within = [_factor(z, self.sigma_within, self.distribution) for z in zs]
         else:
             within = [jnp.ones(s, jnp.float32) for s in shapes]
