@@ -246,6 +246,28 @@ def test_chip_batch_equals_each_chip(x_per_chip):
                                    rtol=1e-6, atol=1e-6)
 
 
+def test_chip_batch_with_read_noise_equals_each_chip_bit_for_bit():
+    """A per-chip input with one key per (chip, image): chip c's output, noise included, is
+    the one-chip MVM's on the CPU backend (chips run one by one there)."""
+    per = Periphery()
+    chips, images = 3, 200
+    ws = jax.random.normal(jax.random.key(20), (chips, 5, 5, 6, 16)) * 0.2
+    scales = jnp.max(jnp.abs(ws), axis=(1, 2, 3, 4))
+    x = jnp.round(jax.random.uniform(jax.random.key(21), (chips, images, 14, 14, 6)) * 15) / 15
+    keys = jax.random.split(jax.random.key(22), (chips, images))
+    y = jax.jit(lambda x, w, k: per.conv2d(x, w, scales, (1, 1), "VALID", k))(x, ws, keys)
+    wd = ws.reshape(chips, 150, 16)
+    xd = x.reshape(chips, images, -1)[..., :150]
+    yd = jax.jit(lambda x, w, k: per.dense(x, w, scales, k))(xd, wd, keys)
+    for c in range(chips):
+        one = jax.jit(lambda x, w, s, k: per.conv2d(x, w, s, (1, 1), "VALID", k))
+        np.testing.assert_array_equal(y[c], one(x[c], ws[c], scales[c], keys[c]))
+        np.testing.assert_array_equal(
+            yd[c], jax.jit(per.dense)(xd[c], wd[c], scales[c], keys[c]))
+    assert float(jnp.std(y[0] - per.conv2d(x[0], ws[0], scales[0], (1, 1), "VALID",
+                                           keys[1]))) > 0  # the noise depends on the keys
+
+
 def test_iterative_bound_management_matches_oracle():
     per = Periphery(out_noise=0.0, bound_management="iterative")
     assert per.bm_rounds == 5  # reductions 1..16: 16 > max_bm_res / inp_res = 15.75
