@@ -9,6 +9,7 @@ it the PyTorch column is skipped.
     python benchmarks/train_step.py                 # both models
     python benchmarks/train_step.py --models lenet5 --steps 10
     python benchmarks/train_step.py --models resnet18 --batch resnet18=512   # GPU-sized
+    python benchmarks/train_step.py --torch-device cuda    # on a GPU: PyTorch there too
 """
 
 from __future__ import annotations
@@ -70,8 +71,10 @@ def pimjax_step_time(model: str, method: str, batch: int, steps: int, repeats: i
     return time_calls(one, steps, repeats)
 
 
-def torch_step_time(model: str, batch: int, steps: int, repeats: int) -> float | None:
-    """Seconds per PyTorch training step of the same float network, or None without torch."""
+def torch_step_time(model: str, batch: int, steps: int, repeats: int,
+                    device: str = "cpu") -> float | None:
+    """Seconds per PyTorch training step of the same float network on ``device`` ("cpu" or
+    "cuda"), or None without torch."""
     try:
         import torch
     except ImportError:
@@ -80,10 +83,10 @@ def torch_step_time(model: str, batch: int, steps: int, repeats: int) -> float |
 
     dataset = DATASET[model]
     h, w, c = SHAPE[dataset]
-    net = build_torch_model(model, CLASSES[dataset])
+    net = build_torch_model(model, CLASSES[dataset]).to(device)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    x = torch.randn(batch, c, h, w)
-    y = torch.randint(0, CLASSES[dataset], (batch,))
+    x = torch.randn(batch, c, h, w, device=device)
+    y = torch.randint(0, CLASSES[dataset], (batch,), device=device)
     loss_fn = torch.nn.CrossEntropyLoss()
 
     def one():
@@ -91,6 +94,8 @@ def torch_step_time(model: str, batch: int, steps: int, repeats: int) -> float |
         loss = loss_fn(net(x), y)
         loss.backward()
         opt.step()
+        if device != "cpu":  # CUDA runs asynchronously: a step ends when the device is done
+            torch.cuda.synchronize()
 
     for _ in range(2):
         one()
@@ -105,13 +110,15 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch", action="append", default=[], help="override, e.g. resnet20=64")
+    p.add_argument("--torch-device", default="cpu", choices=("cpu", "cuda"),
+                   help="where PyTorch runs (cuda: beside pimjax on a GPU)")
     args = p.parse_args()
     batches = dict(DEFAULT_BATCH)
     for item in args.batch:
         name, value = item.split("=")
         batches[name] = int(value)
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}; median of {args.repeats} x "
-          f"{args.steps} steps")
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, PyTorch on "
+          f"{args.torch_device}; median of {args.repeats} x {args.steps} steps")
     head = (f"{'model':<10}{'batch':>6}{'torch img/s':>13}{'fp img/s':>10}{'qat img/s':>11}"
             f"{'qavat img/s':>13}{'fp/torch time':>15}{'qavat/qat':>11}")
     print(head)
@@ -120,7 +127,7 @@ def main() -> None:
         b = batches[model]
         t = {m: pimjax_step_time(model, m, b, args.steps, args.repeats)
              for m in ("fp", "qat", "qavat")}
-        tt = torch_step_time(model, b, args.steps, args.repeats)
+        tt = torch_step_time(model, b, args.steps, args.repeats, args.torch_device)
         torch_ips = f"{b / tt:13.0f}" if tt else f"{'n/a':>13}"
         ratio = f"{t['fp'] / tt:15.2f}" if tt else f"{'n/a':>15}"
         print(f"{model:<10}{b:>6}{torch_ips}{b / t['fp']:>10.0f}{b / t['qat']:>11.0f}"

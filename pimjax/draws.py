@@ -200,9 +200,9 @@ def normals(keys, shapes):
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, s in enumerate(shapes):
         groups.setdefault(s, []).append(i)
-    # The draws of one shape share a hash over [..., keys, size]; one hash per shape keeps
-    # the program small (a single draw over all shapes concatenated broadcast every key on
-    # its own: ResNet-20's PCM sampler compiled 413 kernels)
+    # The draws of one shape share a hash over [..., keys, size], which needs no copy of each
+    # key per value (one draw of all shapes concatenated did: ResNet-20's PCM sampler
+    # compiled in 13.1 s this way, 14.3 s that way)
     out = [None] * len(shapes)
     for s, idx in groups.items():
         k = jnp.stack([data[i] for i in idx], axis=-2)

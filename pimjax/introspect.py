@@ -84,7 +84,9 @@ def analog_kernels(variables):
 
 
 @functools.lru_cache(maxsize=64)
-def _layers(model) -> tuple[LayerInfo, ...]:
+def _trace(model):
+    """One abstract forward pass (traced once per model): the analog layers of
+    :func:`analog_layers` and the shapes of every module's output (``capture_intermediates``)."""
     outputs, bns, sizes = [], [], {}
 
     def on_call(path, x, call):
@@ -100,11 +102,12 @@ def _layers(model) -> tuple[LayerInfo, ...]:
 
     def run(variables, x):
         with intercept_calls(on_call), nn.intercept_methods(on_bn):
-            model.apply(variables, x)
-        return 0
+            _, state = model.apply(variables, x, capture_intermediates=True,
+                                   mutable=["intermediates"])
+        return state["intermediates"]
 
     variables = abstract_variables(model)
-    jax.eval_shape(run, variables, _example(model))
+    intermediates = jax.eval_shape(run, variables, _example(model))
     out = []
     for path, y in outputs:
         bn = next(((p, eps) for p, inp, eps in bns if inp is y), (None, 0.0))
@@ -113,12 +116,12 @@ def _layers(model) -> tuple[LayerInfo, ...]:
             params = params[name]
         out.append(LayerInfo(path, int(y.shape[-1]), "bias" in params, bn[0], float(bn[1]),
                              *sizes[path]))
-    return tuple(out)
+    return tuple(out), intermediates
 
 
 def analog_layers(model) -> tuple[LayerInfo, ...]:
     """The model's analog layers in execution order, each with the batch norm fed by it."""
-    return _layers(model)
+    return _trace(model)[0]
 
 
 CHIP_MODES = ("layers", "map")
@@ -213,26 +216,15 @@ def apply_from_layer(model, variables, x, path, y, **kwargs):
         return model.apply(variables, x, **kwargs)
 
 
-@functools.lru_cache(maxsize=64)
 def activation_sizes(model) -> tuple[int, ...]:
     """Elements per image of every module output of a forward pass (for memory planning)."""
-    def run(v, x):
-        _, state = model.apply(v, x, capture_intermediates=True, mutable=["intermediates"])
-        return state
-
-    state = jax.eval_shape(run, abstract_variables(model), _example(model))
-    return tuple(math.prod(a.shape[1:]) for a in jax.tree_util.tree_leaves(state))
+    return tuple(math.prod(a.shape[1:]) for a in jax.tree_util.tree_leaves(_trace(model)[1]))
 
 
-@functools.lru_cache(maxsize=64)
 def forward_flops(model) -> int:
     """FLOPs of one image's forward pass through the conv/dense layers (2 per multiply-add)."""
-    def run(v, x):
-        _, state = model.apply(v, x, capture_intermediates=True, mutable=["intermediates"])
-        return state["intermediates"]
-
     variables = abstract_variables(model)
-    inter = jax.eval_shape(run, variables, _example(model))
+    inter = _trace(model)[1]
     total = 0
     for path, kernel in jax.tree_util.tree_flatten_with_path(variables["params"])[0]:
         if getattr(path[-1], "key", None) != "kernel":

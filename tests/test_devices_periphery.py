@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pimjax import perchip
+from pimjax.devices import periphery
 from pimjax.devices.periphery import (
     Periphery,
     conv_patches,
@@ -228,7 +230,11 @@ def test_ideal_periphery_is_the_plain_conv():
 
 
 @pytest.mark.parametrize("x_per_chip", [False, True])
-def test_chip_batch_equals_each_chip(x_per_chip):
+@pytest.mark.parametrize("strategy", ["cpu", "accelerator"])
+def test_chip_batch_equals_each_chip(x_per_chip, strategy, monkeypatch):
+    """Both ways of running a chip batch: chip by chip (CPU) and batched (GPU/TPU)."""
+    chosen = perchip.CPU if strategy == "cpu" else perchip.ACCELERATOR
+    monkeypatch.setattr(perchip, "default_strategy", lambda backend=None: chosen)
     per = Periphery(out_noise=0.0)
     ws = jax.random.normal(jax.random.key(10), (3, 3, 3, 2, 4))
     scales = jnp.max(jnp.abs(ws), axis=(1, 2, 3))  # per column: [C, O]
@@ -266,6 +272,44 @@ def test_chip_batch_with_read_noise_equals_each_chip_bit_for_bit():
             yd[c], jax.jit(per.dense)(xd[c], wd[c], scales[c], keys[c]))
     assert float(jnp.std(y[0] - per.conv2d(x[0], ws[0], scales[0], (1, 1), "VALID",
                                            keys[1]))) > 0  # the noise depends on the keys
+
+
+def test_conv_result_of_an_image_does_not_depend_on_its_batch():
+    """Convs run in blocks of BLOCK_PATCHES patches (the batch padded to whole blocks): an
+    image's output, noise included, is the same in a batch of 1, 37 or 90 images."""
+    per = Periphery()
+    x = jnp.round(jax.random.uniform(jax.random.key(30), (90, 12, 12, 4)) * 15) / 15
+    w = jax.random.normal(jax.random.key(31), (3, 3, 4, 8)) * 0.3
+    keys = jax.random.split(jax.random.key(32), 90)
+    conv = jax.jit(lambda x, k: per.conv2d(x, w, 1.0, (1, 1), "SAME", k))
+    full = conv(x, keys)
+    assert 90 * 144 > 2 * periphery.BLOCK_PATCHES  # several blocks, the last one padded
+    np.testing.assert_array_equal(conv(x[:37], keys[:37]), full[:37])
+    np.testing.assert_array_equal(conv(x[53:54], keys[53:54]), full[53:54])
+    quiet = Periphery(out_noise=0.0)  # against one pass over all patches, as a matmul
+    want = quiet.matmul(conv_patches(x, (3, 3)), kernel_rows(w), 1.0)
+    np.testing.assert_allclose(quiet.conv2d(x, w, 1.0), want, rtol=1e-6, atol=1e-6)
+
+
+def test_conv_memory_does_not_grow_with_the_number_of_layers():
+    """XLA's temporaries of 8 periphery convs stay below two of the layers' patch arrays
+    (without blocks, each layer kept one: 8 x 56 MiB here)."""
+    per = Periphery()
+    images = 100
+    x = jax.ShapeDtypeStruct((images, 32, 32, 16), jnp.float32)
+    w = jax.ShapeDtypeStruct((3, 3, 16, 16), jnp.float32)
+    keys = jax.ShapeDtypeStruct((images,), jax.random.key(0).dtype)
+
+    def net(x, w, k):
+        for _ in range(8):
+            x = jax.nn.relu(per.conv2d(x, w, 1.0, (1, 1), "SAME", k))
+        return x
+
+    stats = jax.jit(net).lower(x, w, keys).compile().memory_analysis()
+    if stats is None:
+        pytest.skip("this backend gives no memory analysis")
+    patches = images * 32 * 32 * 144 * 4
+    assert stats.temp_size_in_bytes < 2 * patches
 
 
 def test_iterative_bound_management_matches_oracle():

@@ -52,6 +52,13 @@ TIE_TOLERANCE = 1e-4
 # lax.map), which makes XLA materialize them once instead of fusing them into each consumer
 # (see in_blocks).
 MIN_BLOCKS = 8
+# A one-chip conv over many images runs in blocks of about this many patches (crossbar input
+# vectors), each block's patches, converters and noise in one step of a lax.map: a layer's
+# arrays (the patches are kh*kw times its input) then live for one block, not for the whole
+# batch. XLA:CPU does not reuse the buffers of in_blocks' loops from one layer to the next:
+# unblocked, a ResNet-20 pcm chunk of 8 chips x 500 images needed 3,985 MiB (XLA's estimate,
+# benchmarks/montecarlo.py), 4x the memory planner's budget; blocked, 818 MiB.
+BLOCK_PATCHES = 4096
 
 
 @jax.custom_vjp
@@ -318,10 +325,48 @@ class Periphery:
         if batched and x.ndim == 5 and self._chip_by_chip(key, w.shape[0], "batched_conv"):
             conv = lambda xc, wc, sc, kc: self.conv2d(xc, wc, sc, strides, padding, kc)  # noqa: E731
             return _map_chips(conv, x, w, scale, key)
-        kernel_size = w.shape[-4:-2]
-        patches = conv_patches(x, kernel_size, strides, padding)
+        if not batched and x.ndim == 4 and self._per_image(key, x.shape[0]):
+            return self._conv_blocks(x, w, scale, strides, padding, key)
+        return self._conv(x, w, scale, strides, padding, key)
+
+    def _conv(self, x, w, scale, strides, padding, key):
+        patches = conv_patches(x, w.shape[-4:-2], strides, padding)
+        batched = w.ndim == 5
         return self._rows(patches, kernel_rows(w), scale, key, batched=batched,
                           x_per_chip=batched and x.ndim == 5)
+
+    def _per_image(self, key, images: int) -> bool:
+        """Whether a conv's read noise (if any) is drawn per image: one key per image."""
+        if key is None or not self.needs_key:
+            return True
+        key = _as_typed_key(key)
+        return key.shape == (images,)
+
+    def _conv_blocks(self, x, w, scale, strides, padding, key):
+        """A one-chip conv of ``x [B, H, W, C]`` in blocks of :data:`BLOCK_PATCHES` patches.
+
+        Every block has the same number of images (the batch is padded to a multiple of it),
+        so an image's result does not depend on the batch it came in.
+        """
+        kh, kw = w.shape[-4:-2]
+        pads = (jax.lax.padtype_to_pads(x.shape[1:3], (kh, kw), strides, padding)
+                if isinstance(padding, str) else [tuple(p) for p in padding])
+        ho, wo = ((n + lo + hi - k) // s + 1 for n, (lo, hi), k, s
+                  in zip(x.shape[1:3], pads, (kh, kw), strides, strict=True))
+        images = x.shape[0]
+        size = max(1, BLOCK_PATCHES // (ho * wo))
+        blocks = -(-images // size)
+        pad = blocks * size - images
+        xs = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
+        xs = xs.reshape(blocks, size, *x.shape[1:])
+        if key is None or not self.needs_key:
+            y = jax.lax.map(lambda xb: self._conv(xb, w, scale, strides, padding, None), xs)
+        else:
+            key = _as_typed_key(key)
+            ks = jnp.concatenate([key, jnp.broadcast_to(key[:1], (pad,))]) if pad else key
+            y = jax.lax.map(lambda a: self._conv(a[0], w, scale, strides, padding, a[1]),
+                            (xs, ks.reshape(blocks, size)))
+        return y.reshape(blocks * size, *y.shape[2:])[:images]
 
     def _chip_by_chip(self, key, chips: int, field: str) -> bool:
         """Whether a chip batch with a per-chip input runs its chips one by one (a lax.map):
