@@ -9,8 +9,9 @@ call site is a loop of its own that XLA compiles separately. A LeNet-5 chip samp
 Here the 20 rounds are unrolled into ordinary ``uint32`` ops, so a draw is one elementwise
 fusion that XLA merges with its consumer (the noise never materializes); :func:`normals`
 draws many ``(key, shape)`` pairs with one hash per distinct shape and :func:`fold_ins` folds
-a range of indices into a key with one hash (a hash per layer and stream made ResNet-20's PCM
-chip sampler compile 413 kernels in 14 s, against 7 s now). The values equal
+a range of indices into a key with one hash (with a hash per layer and stream, ResNet-20's PCM
+chip sampler took 16.4 s of XLA compile, now 7.8 s: ``benchmarks/compile_time.py
+--programs``). The values equal
 ``jax.random.fold_in``/``normal``/``uniform`` with the default threefry implementation and
 ``jax_threefry_partitionable`` (JAX's default) bit for bit: each output element ``i`` of a
 draw of ``shape`` is ``threefry(key, (i >> 32, i & 0xffffffff))`` XOR-folded to 32 bits
@@ -57,8 +58,9 @@ def _rotl(x, r: int):
     return lax.shift_left(x, np.uint32(r)) | lax.shift_right_logical(x, np.uint32(32 - r))
 
 
-# Jitted so that its ~100 ops are traced once per argument shape: traced at every call under
-# vmap and shard_map, they took 1.5 s of a LeNet-5 pcm sweep's start (18 ms a call)
+# Jitted so that its ~100 ops are traced once per argument shape, not at every call (with
+# fold_ins, tracing ResNet-20's PCM chip sampler went from 2.4 s to 0.5 s:
+# benchmarks/compile_time.py --programs)
 @jax.jit
 def threefry2x32(k1, k2, x1, x2):
     """The threefry-2x32 hash (20 rounds) of counters ``(x1, x2)`` under keys ``(k1, k2)``.
@@ -200,9 +202,8 @@ def normals(keys, shapes):
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, s in enumerate(shapes):
         groups.setdefault(s, []).append(i)
-    # The draws of one shape share a hash over [..., keys, size], which needs no copy of each
-    # key per value (one draw of all shapes concatenated did: ResNet-20's PCM sampler
-    # compiled in 13.1 s this way, 14.3 s that way)
+    # The draws of one shape share a hash over [..., keys, size]: no copy of each key per
+    # value, as one draw of all shapes concatenated needed
     out = [None] * len(shapes)
     for s, idx in groups.items():
         k = jnp.stack([data[i] for i in idx], axis=-2)
