@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pimjax import draws, perchip
+from pimjax import draws, ops, perchip
 from pimjax.devices.mapping import broadcast_scale, mapping_scale
 
 NOISE_MANAGEMENTS = ("abs_max", "none")
@@ -134,17 +134,23 @@ def conv_patches(x, kernel_size, strides=(1, 1), padding="SAME"):
     """
     kh, kw = (int(k) for k in kernel_size)
     sh, sw = (int(s) for s in strides)
-    pads = (jax.lax.padtype_to_pads(x.shape[-3:-1], (kh, kw), (sh, sw), padding)
-            if isinstance(padding, str) else [tuple(p) for p in padding])
+    pads, (ho, wo) = _conv_geometry(x.shape[-3:-1], (kh, kw), (sh, sw), padding)
     x = jnp.pad(x, [(0, 0)] * (x.ndim - 3) + [*pads, (0, 0)])
     *lead, h, w, c = x.shape
-    ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
     i, j, ch, a, b = np.ix_(np.arange(ho), np.arange(wo), np.arange(c), np.arange(kh),
                             np.arange(kw))
     index = jnp.asarray((((i * sh + a) * w + (j * sw + b)) * c + ch).reshape(-1), jnp.int32)
     images = x.reshape((-1, h * w * c))
     p = in_blocks(lambda image: jnp.take(image, index, mode="clip"), images)
     return p.reshape((*lead, ho, wo, c * kh * kw))
+
+
+def _conv_geometry(hw, kernel_size, strides, padding):
+    """Explicit ``(lo, hi)`` pads of a conv over ``hw`` images, and its output ``(H', W')``."""
+    pads = ops.explicit_pads((1, *hw), kernel_size, strides, padding)
+    out = tuple((n + lo + hi - k) // s + 1
+                for n, (lo, hi), k, s in zip(hw, pads, kernel_size, strides, strict=True))
+    return pads, out
 
 
 def kernel_rows(w):
@@ -195,9 +201,7 @@ def _map_chips(mvm, x, w, scale, key):
     """
     scale = jnp.asarray(scale, jnp.float32)
     scale = jnp.broadcast_to(scale, (w.shape[0], *scale.shape[1:]))
-    if key is None:
-        return jax.lax.map(lambda a: mvm(*a, None), (x, w, scale))
-    return jax.lax.map(lambda a: mvm(*a), (x, w, scale, _as_typed_key(key)))
+    return jax.lax.map(lambda a: mvm(*a), (x, w, scale, key))  # key None: no leaves
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,7 +313,7 @@ class Periphery:
         :attr:`needs_key`.
         """
         if w.ndim == 3 and x.ndim == 3 and self._chip_by_chip(key, w.shape[0], "batched_dense"):
-            return _map_chips(self.matmul, x, w, scale, key)
+            return _map_chips(self.matmul, x, w, scale, self._keys(key))
         return self._rows(x, w, scale, key, batched=w.ndim == 3,
                           x_per_chip=w.ndim == 3 and x.ndim == 3)
 
@@ -326,7 +330,7 @@ class Periphery:
         batched = w.ndim == 5
         if batched and x.ndim == 5 and self._chip_by_chip(key, w.shape[0], "batched_conv"):
             conv = lambda xc, wc, sc, kc: self.conv2d(xc, wc, sc, strides, padding, kc)  # noqa: E731
-            return _map_chips(conv, x, w, scale, key)
+            return _map_chips(conv, x, w, scale, self._keys(key))
         if not batched and x.ndim == 4 and self._per_image(key, x.shape[0]):
             return self._conv_blocks(x, w, scale, strides, padding, key)
         return self._conv(x, w, scale, strides, padding, key)
@@ -337,12 +341,14 @@ class Periphery:
         return self._rows(patches, kernel_rows(w), scale, key, batched=batched,
                           x_per_chip=batched and x.ndim == 5)
 
+    def _keys(self, key):
+        """``key`` as typed keys, or None when a read draws no noise."""
+        return None if key is None or not self.needs_key else _as_typed_key(key)
+
     def _per_image(self, key, images: int) -> bool:
         """Whether a conv's read noise (if any) is drawn per image: one key per image."""
-        if key is None or not self.needs_key:
-            return True
-        key = _as_typed_key(key)
-        return key.shape == (images,)
+        key = self._keys(key)
+        return key is None or key.shape == (images,)
 
     def _conv_blocks(self, x, w, scale, strides, padding, key):
         """A one-chip conv of ``x [B, H, W, C]`` in blocks of :data:`BLOCK_PATCHES` patches.
@@ -350,24 +356,19 @@ class Periphery:
         Every block has the same number of images (the batch is padded to a multiple of it),
         so an image's result does not depend on the batch it came in.
         """
-        kh, kw = w.shape[-4:-2]
-        pads = (jax.lax.padtype_to_pads(x.shape[1:3], (kh, kw), strides, padding)
-                if isinstance(padding, str) else [tuple(p) for p in padding])
-        ho, wo = ((n + lo + hi - k) // s + 1 for n, (lo, hi), k, s
-                  in zip(x.shape[1:3], pads, (kh, kw), strides, strict=True))
+        _, (ho, wo) = _conv_geometry(x.shape[1:3], w.shape[-4:-2], strides, padding)
         images = x.shape[0]
         size = max(1, BLOCK_PATCHES // (ho * wo))
         blocks = -(-images // size)
         pad = blocks * size - images
         xs = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
         xs = xs.reshape(blocks, size, *x.shape[1:])
-        if key is None or not self.needs_key:
-            y = jax.lax.map(lambda xb: self._conv(xb, w, scale, strides, padding, None), xs)
-        else:
-            key = _as_typed_key(key)
-            ks = jnp.concatenate([key, jnp.broadcast_to(key[:1], (pad,))]) if pad else key
-            y = jax.lax.map(lambda a: self._conv(a[0], w, scale, strides, padding, a[1]),
-                            (xs, ks.reshape(blocks, size)))
+        key = self._keys(key)
+        if key is not None:
+            key = jnp.concatenate([key, jnp.broadcast_to(key[:1], (pad,))]) if pad else key
+            key = key.reshape(blocks, size)
+        y = jax.lax.map(lambda a: self._conv(a[0], w, scale, strides, padding, a[1]),
+                        (xs, key))  # key None: no leaves
         return y.reshape(blocks * size, *y.shape[2:])[:images]
 
     def _chip_by_chip(self, key, chips: int, field: str) -> bool:
@@ -376,10 +377,8 @@ class Periphery:
         noise keys (if any) have a chip axis, so that each chip draws its own noise."""
         if getattr(perchip.default_strategy(), field) != "map":
             return False
-        if key is None or not self.needs_key:
-            return True
-        key = _as_typed_key(key)
-        return key.ndim >= 1 and key.shape[0] == chips
+        key = self._keys(key)
+        return key is None or (key.ndim >= 1 and key.shape[0] == chips)
 
     def _rows(self, x, w, scale, key, batched, x_per_chip):
         scale = jnp.asarray(scale, jnp.float32)
