@@ -26,6 +26,15 @@ Writes claim1.json/.csv (every model x eval sigma), claim1_tables.txt and claim1
 
 from __future__ import annotations
 
+import sys
+
+import grid
+
+from pimjax import cli
+
+if __name__ == "__main__":  # a locked --out is refused now, not after the imports of JAX below
+    grid.lock_early(sys.argv[1:])
+
 import dataclasses
 import functools
 import time
@@ -33,9 +42,8 @@ from pathlib import Path
 from typing import Annotated
 
 import common
-import grid
 
-from pimjax import cli, distributed, files, montecarlo
+from pimjax import distributed, files, montecarlo
 from pimjax.configs import claims, setups
 from pimjax.devices import VariabilityModel
 
@@ -303,7 +311,13 @@ def run(args: Args) -> tuple[list[dict], dict] | None:
 def main(argv=None):
     """Run claim 1 from the command line (``argv``: default sys.argv) and print its tables."""
     return cli.run(run, Args, argv, default=common.claim_defaults(Args, claims.claim1),
-                   description=__doc__)
+                   description=__doc__, interrupted=interrupted)
+
+
+def interrupted(args: Args) -> str:
+    """What a Ctrl-C leaves, and how to continue."""
+    return (f"{args.output.out or 'the output folder'} keeps every finished training and "
+            "evaluation: rerun the same command to continue")
 
 
 if __name__ == "__main__":

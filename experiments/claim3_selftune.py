@@ -17,12 +17,20 @@ claim 2 (experiments/grid.py).
 
 from __future__ import annotations
 
+import sys
+
+import grid
+
+from pimjax import cli
+
+if __name__ == "__main__":  # a locked --out is refused now, not after the imports of JAX below
+    grid.lock_early(sys.argv[1:])
+
 import dataclasses
 from typing import Annotated
 
 import common
 
-from pimjax import cli
 from pimjax.configs import claims
 
 
@@ -45,7 +53,13 @@ def run(args: Args) -> list[dict] | None:
 def main(argv=None) -> list[dict] | None:
     """Run claim 3 from the command line (``argv``: default sys.argv) and print its table."""
     return cli.run(run, Args, argv, default=common.claim_defaults(Args, claims.claim3),
-                   description=__doc__)
+                   description=__doc__, interrupted=interrupted)
+
+
+def interrupted(args: Args) -> str:
+    """What a Ctrl-C leaves, and how to continue."""
+    return (f"{args.output.out or 'the output folder'} keeps every finished training and "
+            "evaluation: rerun the same command to continue")
 
 
 if __name__ == "__main__":

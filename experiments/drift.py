@@ -20,17 +20,30 @@ Writes ``drift.json``/``drift.csv``, ``drift_table.txt`` and ``drift.png`` into 
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+from pimjax import cli
+
+
+def default_out(smoke: bool) -> Path:
+    """The output folder without --out."""
+    return Path("runs/smoke/drift" if smoke else "results/drift")
+
+
+if __name__ == "__main__":  # a locked --out is refused now, not after the imports of JAX below
+    cli.lock_early(sys.argv[1:], default=default_out(cli.has_flag(sys.argv[1:], "--smoke")))
+
 import dataclasses
 import hashlib
 import json
 import time
-from pathlib import Path
 from typing import Annotated
 
 import common
 import numpy as np
 
-from pimjax import cli, devices, drift, files, montecarlo, selftune
+from pimjax import devices, drift, files, montecarlo, selftune
 from pimjax.configs import drift as presets
 
 DATASET = "mnist"  # bundled with pimjax
@@ -183,7 +196,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 def run(args: Args) -> list[dict]:
     """Train or reuse the models, sweep every point, write the result files; return the rows."""
     c = args.drift
-    out = args.out or Path("runs/smoke/drift" if c.smoke else "results/drift")
+    out = args.out or default_out(c.smoke)
     runs = args.runs or out / "runs"
     progress = args.progress and not c.smoke
     start = time.perf_counter()
@@ -216,7 +229,14 @@ def run(args: Args) -> list[dict]:
 def main(argv=None) -> list[dict]:
     """Run the drift experiment from the command line (``argv``: default sys.argv)."""
     return cli.run(run, Args, argv, description=__doc__,
-                   default=lambda argv: Args(presets.drift_config(cli.has_flag(argv, "--smoke"))))
+                   default=lambda argv: Args(presets.drift_config(cli.has_flag(argv, "--smoke"))),
+                   interrupted=interrupted)
+
+
+def interrupted(args: Args) -> str:
+    """What a Ctrl-C leaves, and how to continue."""
+    return (f"{args.out or default_out(args.drift.smoke)} keeps every finished point and "
+            "training: rerun the same command to continue")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from pimjax import distributed, files
+from pimjax import cli, files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +85,25 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return index, count
 
 
+def lock_name(shard: tuple[int, int] | None) -> str | None:
+    """The name of the run lock a shard ``(I, N)`` holds on the output folder (None: the
+    folder's own lock, for the whole grid)."""
+    index, count = shard or (0, 1)
+    return None if count == 1 else f"shard-{index}-of-{count}"
+
+
+def lock_early(argv: list[str]) -> None:
+    """:func:`pimjax.cli.lock_early` for a claim script: its --out, its shard's lock; nothing
+    for --merge and --dry-run, which take no lock, or a bad --shard (parsing reports it)."""
+    if cli.has_flag(argv, "--merge") or cli.has_flag(argv, "--dry-run"):
+        return
+    try:
+        name = lock_name(parse_shard(cli.flag_value(argv, "--shard")))
+    except ValueError:
+        return
+    cli.lock_early(argv, name=name)
+
+
 def run(cells: list[Cell], out: Path, merge: Callable[[list[dict]], object], *,
         shard: tuple[int, int] | None = None, merge_only: bool = False,
         progress: bool = True):
@@ -93,11 +112,13 @@ def run(cells: list[Cell], out: Path, merge: Callable[[list[dict]], object], *,
 
     Returns what ``merge`` returns, or None where no tables are built.
     """
+    from pimjax import distributed  # (imports JAX: not at import, see lock_early)
+
     if merge_only:
         return merge(rows(cells)) if distributed.is_primary() else None
     index, count = shard or (0, 1)
     primary = distributed.is_primary()
-    with distributed.shared_run_lock(out, None if count == 1 else f"shard-{index}-of-{count}"):
+    with distributed.shared_run_lock(out, lock_name(shard)):
         for i, cell in enumerate(cells):
             # process 0's view of the files decides for every process (they compute together)
             if i % count != index or distributed.agree(finished(cell)):

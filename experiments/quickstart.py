@@ -25,15 +25,28 @@ see docs/distributed.md): trainings data-parallel, chips split over every device
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+from pimjax import cli
+
+
+def default_out(smoke: bool) -> Path:
+    """The output folder without --out."""
+    return Path("runs/smoke/quickstart" if smoke else "runs/quickstart")
+
+
+if __name__ == "__main__":  # a locked --out is refused now, not after the imports of JAX below
+    cli.lock_early(sys.argv[1:], default=default_out(cli.has_flag(sys.argv[1:], "--smoke")))
+
 import dataclasses
 import time
-from pathlib import Path
 from typing import Annotated
 
 import common
 import numpy as np
 
-from pimjax import cli, distributed, files, montecarlo, selftune
+from pimjax import distributed, files, montecarlo, selftune
 from pimjax.configs import quickstart as presets
 
 DATASET = "mnist"  # bundled with pimjax: no data folder, no network
@@ -67,7 +80,7 @@ def train_models(q: presets.Quickstart, runs: Path, progress: bool) -> dict:
 def run(args: Args) -> tuple[list[dict], list[dict]]:
     """Train, sweep the chips, self-tune them; return the table's rows and the claims."""
     q = args.quickstart
-    out = args.out or Path("runs/smoke/quickstart" if q.smoke else "runs/quickstart")
+    out = args.out or default_out(q.smoke)
     progress = args.progress and not q.smoke
     start, cpu = time.perf_counter(), time.process_time()
     with distributed.shared_run_lock(out):
@@ -202,7 +215,14 @@ def report(q: presets.Quickstart, rows, found, out: Path, seconds: float, cpu: f
 def main(argv=None) -> tuple[list[dict], list[dict]]:
     """Run the quickstart from the command line (``argv``: default sys.argv)."""
     return cli.run(run, Args, argv, description=__doc__,
-                   default=lambda argv: Args(presets.quickstart(cli.has_flag(argv, "--smoke"))))
+                   default=lambda argv: Args(presets.quickstart(cli.has_flag(argv, "--smoke"))),
+                   interrupted=interrupted)
+
+
+def interrupted(args: Args) -> str:
+    """What a Ctrl-C leaves, and how to continue."""
+    return (f"{(args.out or default_out(args.quickstart.smoke)) / 'runs'} keeps every finished "
+            "training: rerun the same command to continue (they are reused)")
 
 
 if __name__ == "__main__":

@@ -23,14 +23,22 @@ folder every process sees. Process 0 writes the files and prints (docs/distribut
 
 from __future__ import annotations
 
+import sys
+
+from pimjax import cli
+
+if __name__ == "__main__":  # a locked --out is refused now, not after the imports of JAX below
+    cli.lock_early(sys.argv[1:])
+
 import dataclasses
+import errno
 from pathlib import Path
 from typing import Annotated
 
 import common
 import tyro
 
-from pimjax import cli, distributed
+from pimjax import distributed
 from pimjax.configs import setups
 from pimjax.train import TrainConfig, train
 
@@ -46,6 +54,8 @@ class Args:
     """model, dataset and training recipe the other flags' defaults come from"""
     resume: bool = False
     """continue from the last checkpoint in --out"""
+    restart: bool = False
+    """discard the checkpoints and metrics in --out and train from the start"""
     stop_after: int | None = None
     """stop after this many epochs in this call (continue later with --resume)"""
     devices: int | None = None
@@ -56,6 +66,8 @@ class Args:
     """seconds-long run on tiny data (tests); changes only the defaults of flags not given"""
 
     def __post_init__(self):
+        if isinstance(self.out, Path) and self.out.exists() and not self.out.is_dir():
+            raise FileExistsError(errno.EEXIST, "--out is a file, not a folder", str(self.out))
         for field in ("stop_after", "devices"):
             value = getattr(self, field)
             if value is not None and (isinstance(value, bool) or value < 1):
@@ -82,8 +94,8 @@ def run(args: Args) -> dict:
         model = config.model.build(config.num_classes, config.quant)
         n = config.data.train_images or config.data.info.train_size
         print(common.estimate(model, 1, n * config.optim.epochs, 0), flush=True)
-    result = train(config, workdir=args.out, resume=args.resume, stop_after=args.stop_after,
-                   num_devices=args.devices, progress=args.progress)
+    result = train(config, workdir=args.out, resume=args.resume, restart=args.restart,
+                   stop_after=args.stop_after, num_devices=args.devices, progress=args.progress)
     final = result.summary
     if not primary:
         return final
@@ -99,7 +111,14 @@ def run(args: Args) -> dict:
 
 def main(argv=None) -> dict:
     """Train from the command line (``argv``: default sys.argv)."""
-    return cli.run(run, Args, argv, default=defaults, description=__doc__)
+    return cli.run(run, Args, argv, default=defaults, description=__doc__,
+                   interrupted=interrupted)
+
+
+def interrupted(args: Args) -> str:
+    """What a Ctrl-C leaves, and how to continue."""
+    return (f"{args.out} keeps the checkpoints of the epochs finished so far: continue with "
+            "the same command and --resume")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ Failure behaviour (jax 0.10.2 on CPU, two processes on one machine, measured by
 errors" (SIGABRT, exit status 134); a killed process 0 (the coordinator) stops the others at
 once. A collective with a killed peer fails at once (``JaxRuntimeError: Gloo ... failed:
 ... Connection closed by peer``), and the process still exits only at the same bound. A
-process that never connects stops the others after ``initialization_timeout`` + about 6 s.
+process that never connects would make JAX abort the others after ``initialization_timeout``
+with a C++ stack; with explicit settings, :func:`initialize` first waits for every process
+itself (:func:`rendezvous`) and raises :class:`ProcessesMissingError` naming the missing ones.
 
 A Python exception is different: the failing process stays alive in JAX's exit barrier while
 the others wait in their next collective, and the run ends only after ``shutdown_timeout``.
@@ -36,7 +38,9 @@ import contextlib
 import logging
 import os
 import re
+import socket
 import sys
+import time
 from typing import NoReturn
 
 import jax
@@ -60,6 +64,10 @@ SHUTDOWN_TIMEOUT = 300
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+):([0-9]{1,5})$")
 
 log = logging.getLogger(__name__)
+
+
+class ProcessesMissingError(RuntimeError):
+    """Processes of a multi-process run did not arrive within the initialization timeout."""
 
 
 # ------------------------------------------------------------------------------- settings
@@ -126,7 +134,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     given, those are used (``num_processes=1`` is a no-op). With none of them, SLURM / Open
     MPI / Cloud TPU settings are detected by ``jax.distributed``; elsewhere the run stays a
     single process and nothing happens. CPU collectives use gloo. See the module docstring
-    for what the timeouts bound.
+    for what the timeouts bound. With explicit settings, processes that do not arrive within
+    ``initialization_timeout`` raise :class:`ProcessesMissingError` (:func:`rendezvous`).
     """
     check_settings(coordinator, num_processes, process_id)
     _check_timeouts(heartbeat_timeout=heartbeat_timeout,
@@ -150,6 +159,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         if num_processes == 1:
             return
         _use_gloo()
+        rendezvous(coordinator, int(num_processes), int(process_id), initialization_timeout)
         # Explicit settings are used as given: no detection (under SLURM it would also pin
         # each process to one local GPU).
         jax.distributed.initialize(coordinator, int(num_processes), int(process_id),
@@ -157,6 +167,148 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         # (not jax.process_count(): that would start the backends here)
         log.info("process %d of %d joined the run coordinated at %s", process_id,
                  num_processes, coordinator)
+
+
+# How long a process waits for a stranger's first line, and for a peer to close first.
+_HELLO_TIMEOUT = 10
+_CLOSE_TIMEOUT = 2
+
+
+def rendezvous(coordinator: str, num_processes: int, process_id: int, timeout: float) -> None:
+    """Wait until all ``num_processes`` processes have started, before ``jax.distributed``.
+
+    JAX aborts a process whose peers do not all connect within its initialization timeout,
+    with a C++ stack and no word of which are missing. So process 0 first listens on the
+    coordinator's port itself: every other process connects and says its id, and process 0
+    answers all of them once the last one arrived (then frees the port for JAX's service),
+    or after ``timeout`` seconds names the missing ones. Raises
+    :class:`ProcessesMissingError` (in process 0 and in every process that arrived) or
+    ValueError (settings that disagree, a port in use).
+    """
+    host, port = check_coordinator(coordinator)
+    if process_id == 0:
+        _gather(coordinator, port, num_processes, timeout)
+    else:
+        _join(coordinator, host, port, num_processes, process_id, timeout)
+
+
+def _missing_message(missing, num_processes: int, coordinator: str, timeout: float) -> str:
+    ids = ", ".join(map(str, missing))
+    return (f"process{'es' if len(missing) > 1 else ''} {ids} of {num_processes} did not join "
+            f"the run at {coordinator} within {timeout:g} s (--init-timeout): start "
+            f"{'them' if len(missing) > 1 else 'it'} with the same --coordinator and "
+            "--num-processes, or raise --init-timeout")
+
+
+def _gather(coordinator: str, port: int, num_processes: int, timeout: float) -> None:
+    """Process 0's side of :func:`rendezvous`."""
+    try:
+        if socket.has_dualstack_ipv6():
+            server = socket.create_server(("", port), family=socket.AF_INET6,
+                                          dualstack_ipv6=True)
+        else:
+            server = socket.create_server(("", port))
+    except OSError as e:
+        raise ValueError(f"--coordinator {coordinator}: process 0 cannot listen on port {port} "
+                         f"({e.strerror}): choose a free port") from None
+    deadline = time.monotonic() + timeout
+    arrived: dict[int, socket.socket] = {}
+    try:
+        with server:
+            while len(arrived) < num_processes - 1:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                server.settimeout(remaining)
+                try:
+                    conn, _ = server.accept()
+                except TimeoutError:
+                    break
+                conn.settimeout(_HELLO_TIMEOUT)
+                try:
+                    words = _read_line(conn).split()
+                except OSError:
+                    words = []
+                if len(words) != 3 or words[0] != "pimjax" or not all(
+                        w.isdigit() for w in words[1:]):
+                    conn.close()  # not one of ours
+                    continue
+                count, index = int(words[1]), int(words[2])
+                error = None
+                if count != num_processes:
+                    error = (f"process {index} was started with --num-processes {count}, "
+                             f"process 0 with {num_processes}: start all with the same")
+                elif index in arrived or not 0 < index < num_processes:
+                    error = (f"two processes were started with --process-id {index}: give "
+                             "each process its own id")
+                if error is not None:
+                    for c in (*arrived.values(), conn):
+                        _send(c, f"error {error}")
+                    raise ValueError(error)
+                arrived[index] = conn
+        missing = sorted(set(range(1, num_processes)) - set(arrived))
+        message = _missing_message(missing, num_processes, coordinator, timeout)
+        for conn in arrived.values():
+            _send(conn, f"missing {message}" if missing else "go")
+        for conn in arrived.values():  # the others close first: the port stays free for JAX
+            with contextlib.suppress(OSError):
+                conn.settimeout(_CLOSE_TIMEOUT)
+                conn.recv(1)
+    finally:
+        for conn in arrived.values():
+            conn.close()
+    if missing:
+        raise ProcessesMissingError(message)
+
+
+def _join(coordinator: str, host: str, port: int, num_processes: int, process_id: int,
+          timeout: float) -> None:
+    """A process's side of :func:`rendezvous` (any but process 0)."""
+    deadline = time.monotonic() + timeout
+    host = host.strip("[]")
+    while True:
+        try:
+            conn = socket.create_connection((host, port), timeout=_HELLO_TIMEOUT)
+            break
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise ProcessesMissingError(
+                    f"process 0 (the coordinator, {coordinator}) did not start within "
+                    f"{timeout:g} s (--init-timeout): start it, check --coordinator, or raise "
+                    "--init-timeout") from None
+            time.sleep(0.2)
+    with conn:
+        conn.sendall(f"pimjax {num_processes} {process_id}\n".encode())
+        # process 0 answers within its own timeout, which began before this connection
+        conn.settimeout(timeout + _HELLO_TIMEOUT)
+        try:
+            answer = _read_line(conn)
+        except OSError:
+            answer = ""
+    kind, _, text = answer.partition(" ")
+    if kind == "go":
+        return
+    if kind == "missing":
+        raise ProcessesMissingError(text)
+    if kind == "error":
+        raise ValueError(text)
+    raise ProcessesMissingError(f"process 0 (the coordinator, {coordinator}) stopped before "
+                                "every process arrived: see its output")
+
+
+def _send(conn: socket.socket, line: str) -> None:
+    with contextlib.suppress(OSError):
+        conn.sendall(line.encode() + b"\n")
+
+
+def _read_line(conn: socket.socket, limit: int = 4096) -> str:
+    data = b""
+    while not data.endswith(b"\n") and len(data) < limit:
+        chunk = conn.recv(limit)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace").strip()
 
 
 def connect() -> None:

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import fcntl
 import io
 import json
 import os
 import socket
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -102,30 +104,50 @@ def run_lock(directory: str | os.PathLike, name: str | None = None, wait: bool =
 
     Raises :class:`RunLockedError` at once if another live process holds it; with ``wait``,
     blocks until that process releases it instead. ``name``: a separate lock in the same
-    directory (its file ``.pimjax-<name>.lock``), e.g. one per shard of a sweep.
+    directory (its file ``.pimjax-<name>.lock``), e.g. one per shard of a sweep. Re-entrant:
+    a lock this thread of this process already holds (the lock file names it,
+    :func:`holder_id`) is simply held on, and released by the outer holder; another thread
+    counts as another run. ``directory`` being a file raises FileExistsError naming it.
     """
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(errno.EEXIST, "is a file, not a folder", str(directory))
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / (LOCK_FILE if name is None else f".pimjax-{name}.lock")
+    me = holder_id()
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
-            what = directory if name is None else f"{directory} ({name})"
-            raise RunLockedError(
-                f"{what} is in use by another run ({holder}): wait for it to finish, or "
-                "choose another output directory") from None
+            if holder == me:  # held by this thread through another descriptor
+                yield path
+                return
+            if not wait:
+                what = directory if name is None else f"{directory} ({name})"
+                raise RunLockedError(
+                    f"{what} is in use by another run ({holder}): wait for it to finish, or "
+                    "choose another output directory") from None
+            fcntl.flock(fd, fcntl.LOCK_EX)
         stale = os.pread(fd, 200, 0).decode(errors="replace").strip()
         if stale:  # a holder that died without releasing: the kernel dropped its flock
             warnings.warn(f"{directory}: took over the lock of a run that stopped without "
                           f"releasing it ({stale})", stacklevel=3)
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        os.pwrite(fd, me.encode(), 0)
         try:
             yield path
         finally:
             os.ftruncate(fd, 0)  # a clean release leaves an empty lock file
     finally:
-        os.close(fd)  # closing releases the flock
+        os.close(fd)  # closing releases the flock (of this descriptor only)
+
+
+def holder_id() -> str:
+    """How a lock file names its holder, this thread: ``pid <pid> on <host>[, thread <id>]``
+    (the thread's native id, unless it is the main thread)."""
+    me = f"pid {os.getpid()} on {socket.gethostname()}"
+    thread = threading.get_native_id()
+    return me if threading.current_thread() is threading.main_thread() else \
+        f"{me}, thread {thread}"

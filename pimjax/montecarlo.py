@@ -10,10 +10,20 @@ grouped convs.
 
 Determinism: chip ``i`` depends only on its key and every chip is computed by the
 same per-chip operations whatever the chunk, so its logits are bit-identical for any chips
-per chunk and any device count. Image chunks are at least ``MIN_IMAGES_PER_CHUNK`` images
-(padded and masked), because XLA's CPU GEMM rounds differently for fewer rows; above that
-the logits are bit-identical too (tested). Correct counts are exact; per-chip losses are
-float32 sums per chunk added in float64, so they agree to float tolerance (~1e-7 relative).
+per chunk and any device count. Its reductions (loss sum, self-tuning statistics and solve)
+and, in the CPU's default ``"map"`` mode, its whole network after the first analog layer
+run chip by chip in one compiled loop body (:func:`pimjax.perchip.chip_map`), so its accuracy, loss
+and tune are the same bits too for any chips per chunk and any device or process count
+(tested with gain and channel tuning and between-chip variation). Exceptions seen: XLA
+compiles a one-device program apart from a sharded one, and in a 16-chip x 500-image LeNet-5
+sweep 2 of 64 tuned chips differed between one device and several (any number of those
+agreed); ``paired`` tuning (nominal activations shared by the chips, outside the loop)
+moved by an ulp with one chip per device. Image chunks are at least
+``MIN_IMAGES_PER_CHUNK`` images (padded and masked), because XLA's CPU GEMM rounds
+differently for fewer rows; above that the logits are bit-identical too (tested). Correct
+counts are exact; per-chip losses are float32 sums per image chunk added in float64: the
+same bits for the same images per chunk, float tolerance (~1e-7 relative) across image
+chunk sizes.
 
 Several processes: in a multi-process run (:mod:`pimjax.distributed`) the default mesh spans
 every device of every process, each process computes its devices' chips, and every process
@@ -39,6 +49,7 @@ from pimjax import devices, introspect, selftune
 from pimjax.distributed import is_primary, make_mesh, replicate, shard_rows, to_host
 from pimjax.introspect import CHIP_MODES, analog_kernels, chip_mode
 from pimjax.layers import with_chip, with_tune
+from pimjax.perchip import chip_map
 from pimjax.progress import progress_bar
 
 AXIS = "chips"
@@ -188,6 +199,24 @@ def memory_per_chip(model, device: devices.Device, mode: str | None = None
     return int(working), int(per_chip), 0
 
 
+def sweep_mode(model, backend: str | None = None) -> str:
+    """The sweeps' chip mode unless one is asked for: ``"map"`` on the CPU, else
+    :func:`pimjax.introspect.chip_mode`.
+
+    ``map`` runs each chip's network after its first analog layer as one compiled loop body
+    (:func:`pimjax.perchip.chip_map`), the same for any number of chips per device. With
+    ``layers`` XLA fuses a ``[C, ...]`` batch's elementwise ops differently for another
+    ``C``, so it contracts other multiply-adds into FMAs: a tuned chip's loss moved by an ulp
+    with the device count. On the CPU ``map`` was no slower for LeNet-5, the one model
+    ``chip_mode`` gives ``layers`` (100 chips x 1000 images: 28.3-31.4k against 26.6-27.8k
+    chip-images/s, 2 cores); on a GPU or TPU a loop over chips was not measured, so the
+    faster rule stays there.
+    """
+    if (backend or jax.default_backend()) == "cpu":
+        return "map"
+    return chip_mode(model)
+
+
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
@@ -222,7 +251,7 @@ def plan_chunks(model, num_chips: int, num_images: int, *,
             raise ValueError(f"{name}={value!r} must be a positive integer or None")
     if mode is not None and mode not in CHIP_MODES:
         raise ValueError(f"mode={mode!r} is unknown: use one of {CHIP_MODES}")
-    mode = mode or chip_mode(model)
+    mode = mode or sweep_mode(model)
     budget = budget_bytes or default_budget()
     per_ci, per_c, per_i = memory_per_chip(model, device or devices.paper(0.1), mode)
     if images_per_chunk is None:
@@ -269,16 +298,23 @@ def chip_logits(model, variables, chip, x, tune=None, mode: str | None = None):
         c, t, y = args
         return introspect.apply_from_layer(model, _chip_vars(variables, c, t), x, first, y)
 
-    return jax.lax.map(one, (chip, tune, y_first))
+    return chip_map(one, (chip, tune, y_first))
 
 
 def _metrics(logits, labels, mask, chip_mask=None):
     """Per-chip correct counts and loss sums ``[C]``; with ``chip_mask`` also the number of
-    (unmasked) chips that got each image right, ``[1, B]``."""
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, labels[None, :, None], axis=-1)[..., 0]
-    correct = (jnp.argmax(logits, axis=-1) == labels) & (mask > 0)
-    out = (jnp.sum(correct, axis=-1, dtype=jnp.int32), jnp.sum(nll * mask, axis=-1))
+    (unmasked) chips that got each image right, ``[1, B]``.
+
+    Chip by chip (:func:`pimjax.perchip.chip_map`): each chip's loss sum is a reduction of
+    the same shape ``[B]`` whatever the number of chips on the device, so the same bits."""
+    def one(chip_logits):
+        logp = jax.nn.log_softmax(chip_logits, axis=-1)
+        nll = -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
+        right = (jnp.argmax(chip_logits, axis=-1) == labels) & (mask > 0)
+        return jnp.sum(right, dtype=jnp.int32), jnp.sum(nll * mask), right
+
+    count, loss, correct = chip_map(one, logits)
+    out = (count, loss)
     if chip_mask is None:
         return out
     per_image = jnp.sum(correct & chip_mask[:, None], axis=0, dtype=jnp.int32)
@@ -310,15 +346,24 @@ def _with_reads(chip, keys, first_image, num_images):
 
 
 @functools.lru_cache(maxsize=32)
-def _tune_step(model, mesh: Mesh, variant: str, batch_size, mode: str):
-    """Jitted, chip-sharded self-tuning of a chip batch."""
+def _tune_step(model, mesh: Mesh, variant: str, batch_size):
+    """Jitted, chip-sharded self-tuning of a chip batch, one chip after another.
+
+    The solve runs chip by chip (``mode="map"``, a :func:`pimjax.perchip.chip_map` of the
+    one-chip solve) whatever the sweep's chip mode, so that a chip's forward pass, statistics
+    and solve are one compiled loop body, the same for any number of chips per device. With
+    the chip axis through every layer (``"layers"``) XLA fuses the elementwise ops of a
+    ``[C, ...]`` batch differently for another ``C``, so it contracts other multiply-adds into
+    FMAs, and a tuned chip's gains moved by an ulp with the chips per device (at no measured
+    cost to LeNet-5's sweep: tuning is one pass over the calibration images).
+    """
     def tune(variables, chip, keys, images, stats):
         reads = None
         if devices.chip_device(chip).needs_key:  # chip c's calibration reads (TUNE_READS)
             ids = jnp.arange(images.shape[0], dtype=jnp.uint32)
             reads = devices.read_keys(keys, ids, devices.TUNE_READS)
         return selftune.solve_chips(model, variant, batch_size, variables, chip, images,
-                                    stats, mode, reads)
+                                    stats, "map", reads)
 
     return _shard(tune, mesh, (P(), P(AXIS), P(AXIS), P(), P()), P(AXIS))
 
@@ -509,7 +554,8 @@ def evaluate_chips(model, variables, device: devices.Device, key, num_chips: int
     ``tuning``: self-tune each chip on unlabeled calibration images first. The sweep is
     chunked to ``budget_bytes`` per device (or the given chunk sizes) and sharded over
     ``mesh_devices`` (default: all devices). ``nominal`` also evaluates the nominal model
-    (no chip). ``mode``: how a chip batch is computed (see :func:`chip_logits`).
+    (no chip). ``mode``: how a chip batch is computed (see :func:`chip_logits`; default
+    :func:`sweep_mode`, on the CPU one whose results do not depend on the chips per device).
     """
     num_chips = check_num_chips(num_chips)
     _check_device(device)
@@ -532,8 +578,7 @@ def evaluate_chips(model, variables, device: devices.Device, key, num_chips: int
     if calib is not None:
         calib_r, stats_r = replicate((calib, stats), mesh)
     sample_fn = _sample_step(mesh, device)
-    tune_fn = None if variant is None else _tune_step(model, mesh, variant, tune_batch,
-                                                      plan.mode)
+    tune_fn = None if variant is None else _tune_step(model, mesh, variant, tune_batch)
     metrics_fn = _metrics_step(model, mesh, plan.mode)
     bar = progress_bar(plan.num_chip_chunks * (plan.num_image_chunks + (tune_fn is not None)),
                        "chips", progress and is_primary(mesh), unit="chunk")
@@ -610,7 +655,7 @@ def tune_chips(model, variables, device: devices.Device, key, num_chips: int,
     template = analog_kernels(variables)
     var_r, tmpl_r, calib, stats = replicate((variables, template, calib, stats), mesh)
     sample_fn = _sample_step(mesh, device)
-    tune_fn = _tune_step(model, mesh, variant, tune_batch, plan.mode)
+    tune_fn = _tune_step(model, mesh, variant, tune_batch)
     bar = progress_bar(plan.num_chip_chunks, "tune", progress and is_primary(mesh), unit="chunk")
     outs = []
     for c in range(plan.num_chip_chunks):

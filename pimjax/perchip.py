@@ -111,6 +111,29 @@ def dense(x, w, strategy: Strategy | None = None):
     return jnp.einsum("cbk,cko->cbo", x, w)
 
 
+def chip_map(fn, xs):
+    """``lax.map`` of ``fn`` over the leading (chip) axis of the pytree ``xs``, compiled as one
+    loop body whatever the number of chips.
+
+    A chip's reductions (its loss sum, its self-tuning statistics) then have the same shapes,
+    so the same bits, for any chips per device. XLA sums an axis in an order that depends on
+    the array's other axes (a ``[C, B]`` sum over ``B`` rounds differently for another ``C``),
+    and it inlines a loop of one iteration into its surroundings (other fusions, other
+    rounding); the chip count is passed through an optimization barrier, so XLA does not see
+    the trip count and keeps the loop. Not differentiable (a loop of unknown length).
+    """
+    n = jax.tree.leaves(xs)[0].shape[0]
+    count = lax.optimization_barrier(jnp.int32(n))
+    shapes = jax.eval_shape(fn, jax.tree.map(lambda a: a[0], xs))
+    init = jax.tree.map(lambda s: jnp.zeros((n, *s.shape), s.dtype), shapes)
+
+    def body(i, out):
+        y = fn(jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False), xs))
+        return jax.tree.map(lambda o, v: lax.dynamic_update_index_in_dim(o, v, i, 0), out, y)
+
+    return lax.fori_loop(0, count, body, init)
+
+
 def broadcast_per_chip(v, y):
     """Reshape per-chip ``[C, F]`` values to broadcast against ``y [C, ..., F]``; ``[F]`` as is."""
     if v.ndim <= 1:

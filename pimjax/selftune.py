@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import math
 import os
 import warnings
+import zipfile
 from pathlib import Path
 
 import flax.struct
@@ -43,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pimjax import devices, introspect, perchip
+from pimjax import devices, files, introspect, perchip
 from pimjax.devices import num_chips
 from pimjax.introspect import CHIP_MODES, LayerInfo, analog_layers, chip_mode
 from pimjax.layers import with_chip, with_tune
@@ -206,28 +208,63 @@ def nominal_stats(model, variables, images, batch_size: int | None = 256) -> Nom
                         num_images=int(images.shape[0]))
 
 
+class StatsFileError(ValueError):
+    """A nominal-statistics file that is damaged, truncated or not written by :func:`save_stats`."""
+
+    def __init__(self, path, reason: str):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"nominal stats file {path} is damaged or not written by save_stats "
+                         f"({reason}): delete it and compute the stats again (nominal_stats, "
+                         "save_stats)")
+
+
 def save_stats(path: str | os.PathLike, stats: NominalStats) -> Path:
-    """Write nominal statistics to an ``.npz`` file (e.g. next to the checkpoint)."""
-    path = Path(path)
+    """Write nominal statistics to an ``.npz`` file atomically (e.g. next to the checkpoint)."""
     arrays = {}
     for name in stats.mean:
         arrays[f"mean:{name}"] = np.asarray(stats.mean[name])
         arrays[f"var:{name}"] = np.asarray(stats.var[name])
     arrays["__meta__"] = np.frombuffer(
         json.dumps({"num_images": stats.num_images}).encode(), np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
-    return path
+    buf = io.BytesIO()  # written whole, then renamed into place: readers never see a torn file
+    np.savez(buf, **arrays)
+    return files.write_bytes(path, buf.getvalue())
+
+
+# What reading a damaged .npz raises (a zip's CRC check catches flipped bits in the arrays).
+_DAMAGED = (OSError, ValueError, KeyError, EOFError, NotImplementedError, zipfile.BadZipFile)
 
 
 def load_stats(path: str | os.PathLike) -> NominalStats:
-    """Read statistics written by :func:`save_stats`."""
-    with np.load(Path(path)) as z:
-        meta = json.loads(bytes(z["__meta__"]).decode())
-        mean = {k[5:]: jnp.asarray(z[k]) for k in z.files if k.startswith("mean:")}
-        var = {k[4:]: jnp.asarray(z[k]) for k in z.files if k.startswith("var:")}
-    return NominalStats(mean=mean, var=var, num_images=int(meta["num_images"]))
+    """Read statistics written by :func:`save_stats`; :class:`StatsFileError` if the file is
+    damaged, truncated or holds something else (FileNotFoundError if it is missing)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no nominal stats file {path}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(bytes(z["__meta__"]).decode())
+            mean = {k[5:]: np.asarray(z[k]) for k in z.files if k.startswith("mean:")}
+            var = {k[4:]: np.asarray(z[k]) for k in z.files if k.startswith("var:")}
+    except _DAMAGED as e:
+        raise StatsFileError(path, f"{type(e).__name__}: {e}") from e
+    num = meta.get("num_images") if isinstance(meta, dict) else None
+    if type(num) is not int or num < 1:
+        raise StatsFileError(path, f"its image count is {num!r}, not a positive integer")
+    if not mean or sorted(mean) != sorted(var):
+        raise StatsFileError(path, f"it holds means of {sorted(mean)} and variances of "
+                                   f"{sorted(var)}: one of each per layer needed")
+    for name in mean:
+        m, v = mean[name], var[name]
+        if (m.ndim != 1 or m.shape != v.shape or not np.issubdtype(m.dtype, np.floating)
+                or not np.issubdtype(v.dtype, np.floating)):
+            raise StatsFileError(path, f"layer {name!r} has {m.dtype} {m.shape} means and "
+                                       f"{v.dtype} {v.shape} variances, not two float vectors")
+        if not (np.all(np.isfinite(m)) and np.all(np.isfinite(v)) and np.all(v >= 0)):
+            raise StatsFileError(path, f"layer {name!r} has non-finite means or variances, or "
+                                       "negative variances")
+    return NominalStats(mean={k: jnp.asarray(x) for k, x in mean.items()},
+                        var={k: jnp.asarray(x) for k, x in var.items()}, num_images=num)
 
 
 def check_stats(model, stats: NominalStats) -> None:
@@ -355,8 +392,8 @@ def solve_chips(model, variant, batch_size, variables, chip, images, stats, mode
         nominal = None
         if variant == "paired" and one_batch:
             nominal = introspect.capture_mvm(model, with_chip(variables, None), images)
-        return jax.lax.map(lambda a: _solve(model, variant, batch_size, variables, a[0], images,
-                                            stats, nominal, a[1]), (chip, reads))
+        return perchip.chip_map(lambda a: _solve(model, variant, batch_size, variables, a[0],
+                                                 images, stats, nominal, a[1]), (chip, reads))
     return _solve(model, variant, batch_size, variables, chip, images, stats, reads=reads)
 
 
@@ -395,9 +432,28 @@ def _solve(model, variant, batch_size, variables, chip, images, stats, nominal=N
             return stats.mean[layer.name], stats.var[layer.name]
         return None
 
+    # A chip batch's statistics and solve run chip by chip (perchip.chip_map): each chip's
+    # reductions then have the same shapes, so the same bits, for any number of chips.
+    def moments(y, w, y_nom):
+        if count is None:
+            return _moments_axes(y, w, y_nom, False)
+
+        def one(y_chip):
+            m = _moments_axes(y_chip, w, y_nom, False)
+            return m.replace(n=m.n[None])  # stacked [C, 1]: broadcasts against [C, F]
+
+        return perchip.chip_map(one, y)
+
+    def combine(a, b):
+        return _combine(a, b) if count is None else perchip.chip_map(
+            lambda ab: _combine(*ab), (a, b))
+
     def solve(layer, m):
-        g, o = _solve_layer(variant, layer, m, target(layer), variables.get("batch_stats"),
-                            variables["params"])
+        def one(m):
+            return _solve_layer(variant, layer, m, target(layer), variables.get("batch_stats"),
+                                variables["params"])
+
+        g, o = one(m) if count is None else perchip.chip_map(one, m)
         solved[layer.path] = (jnp.broadcast_to(g, (*lead, layer.features)),
                               jnp.broadcast_to(o, (*lead, layer.features)))
 
@@ -414,7 +470,7 @@ def _solve(model, variant, batch_size, variables, chip, images, stats, nominal=N
 
         def online(path, y):
             layer = by_path[path]
-            solve(layer, _moments_axes(y, w, nom.get(layer.name), count is not None))
+            solve(layer, moments(y, w, nom.get(layer.name)))
             return apply_known(path, y)
 
         introspect.apply_with_mvm(model, chip_vars(None if reads is None else reads[0]), x,
@@ -428,8 +484,8 @@ def _solve(model, variant, batch_size, variables, chip, images, stats, nominal=N
                 y_nom = None
                 if variant == "paired":
                     y_nom = introspect.run_to_layer(model, nominal_vars, x, layer.path)
-                m = _moments_axes(y, w, y_nom, count is not None)
-                return (m if acc is None else _combine(acc, m)), None
+                m = moments(y, w, y_nom)
+                return (m if acc is None else combine(acc, m)), None
 
             first = body(None, (xs[0], masks[0], None if reads is None else reads[0]))[0]
             m, _ = jax.lax.scan(body, first, (xs[1:], masks[1:], rest))

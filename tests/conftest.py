@@ -126,6 +126,14 @@ def trained(mnist, tmp_path_factory) -> dict:
     return runs
 
 
+@pytest.fixture
+def script_settings(monkeypatch):
+    """The scripts call runtime.configure(): keep this session's compilation cache, and
+    report errors in one line (no PIMJAX_DEBUG)."""
+    monkeypatch.setenv("PIMJAX_COMPILE_CACHE", "0")
+    monkeypatch.delenv("PIMJAX_DEBUG", raising=False)
+
+
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
     """No test reaches the internet: dataset downloads are off unless a test turns them on."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import threading
 from functools import partial
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pimjax import introspect
+from pimjax import files, introspect
 from pimjax import train as T
 from pimjax.devices import ChipLayer, Device, DeviceConfig
 from pimjax.models import ModelConfig
@@ -212,3 +213,21 @@ def execute_notebook(notebook: Path, tmp_path: Path, monkeypatch):
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
     return ["".join(o.get("text", "") for o in c.outputs) for c in nb.cells
             if c.cell_type == "code"], nb
+
+
+def refusal_in_another_thread(lock) -> str:
+    """Enter ``lock()`` (a run lock's context manager) from another thread, as another run
+    would: the :class:`pimjax.files.RunLockedError` message, or "" when it was granted."""
+    refused = []
+
+    def take():
+        try:
+            with lock():
+                pass
+        except files.RunLockedError as e:
+            refused.append(str(e))
+
+    thread = threading.Thread(target=take)
+    thread.start()
+    thread.join()
+    return refused[0] if refused else ""

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from helpers import refusal_in_another_thread
 from jax.sharding import SingleDeviceSharding
 
 from pimjax import distributed, files
@@ -304,12 +305,13 @@ def test_make_mesh_spans_all_devices_in_process_order():
 def test_run_locks_named_waiting_and_shared_in_one_process(tmp_path):
     with files.run_lock(tmp_path):
         with files.run_lock(tmp_path, "shard-0-of-2"):  # a separate lock in the same folder
-            with pytest.raises(files.RunLockedError, match=r"\(shard-0-of-2\) is in use"):
-                with files.run_lock(tmp_path, "shard-0-of-2"):
-                    pass
-        with pytest.raises(files.RunLockedError, match="in use by another run"):
-            with distributed.shared_run_lock(tmp_path):  # one process: the plain lock
+            assert "(shard-0-of-2) is in use" in refusal_in_another_thread(
+                lambda: files.run_lock(tmp_path, "shard-0-of-2"))
+            with files.run_lock(tmp_path, "shard-0-of-2"):  # this thread again: held on
                 pass
+        # one process: the plain lock
+        assert "in use by another run" in refusal_in_another_thread(
+            lambda: distributed.shared_run_lock(tmp_path))
     assert distributed.agree(True) and not distributed.agree(False)
     # wait=True blocks until the holder (another thread, i.e. another open file) releases
     held, order = threading.Event(), []
@@ -352,3 +354,17 @@ def test_host_helpers_in_one_process():
         distributed.process_rows(n + 1, mesh)
     with pytest.raises(ValueError, match="multiple of the mesh"):
         distributed.shard_rows(x[:n - 1], mesh)
+
+
+def test_slurm_gives_each_task_the_gpu_of_its_local_id(monkeypatch):
+    """What docs/distributed.md's SLURM advice rests on: jax's SLURM detection sets
+    ``local_device_ids=[SLURM_LOCALID]``, so a task must see all of its node's GPUs
+    (--gpus-per-node), not one (--gpus-per-task=1), unless local_device_ids is given."""
+    from jax._src.clusters import ClusterEnv
+
+    for var, value in {"SLURM_JOB_ID": "1", "SLURM_STEP_NODELIST": "node1",
+                       "SLURM_NTASKS": "4", "SLURM_PROCID": "3", "SLURM_LOCALID": "1"}.items():
+        monkeypatch.setenv(var, value)
+    detect = ClusterEnv.auto_detect_unset_distributed_params
+    assert detect(None, None, None, None, None, 10)[1:] == (4, 3, [1])
+    assert detect(None, None, None, [0], None, 10)[3] == [0]  # given ids are kept

@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import jax
@@ -37,14 +38,7 @@ montecarlo_script = importlib.import_module("montecarlo")
 
 # The scripts' smoke runs make no bit-identity claim against another XLA level: they, their
 # subprocesses (_shared_cache_env) and the notebook kernels compile with most optimizations off.
-pytestmark = pytest.mark.xla_level("fast")
-
-
-@pytest.fixture(autouse=True)
-def _keep_session_settings(monkeypatch):
-    """The scripts call runtime.configure(): keep this session's compilation cache."""
-    monkeypatch.setenv("PIMJAX_COMPILE_CACHE", "0")
-    monkeypatch.delenv("PIMJAX_DEBUG", raising=False)
+pytestmark = [pytest.mark.xla_level("fast"), pytest.mark.usefixtures("script_settings")]
 
 
 @pytest.fixture(scope="module")
@@ -218,9 +212,22 @@ def test_a_bad_flag_exits_2_in_one_line_and_debug_shows_the_traceback(tmp_path):
 
 def test_a_locked_output_folder_is_refused(tmp_path, monkeypatch, capsys):
     _no_work(monkeypatch)
-    with files.run_lock(tmp_path):
+    held, release = threading.Event(), threading.Event()
+
+    def other_run():  # a lock held by another thread counts as another run
+        with files.run_lock(tmp_path):
+            held.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=other_run)
+    holder.start()
+    held.wait(60)
+    try:
         with pytest.raises(SystemExit) as e:
             claim2.main(["--smoke", "--out", str(tmp_path)])
+    finally:
+        release.set()
+        holder.join()
     assert e.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "in use by another run" in err[0]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import refusal_in_another_thread
 
 from pimjax import files
 from pimjax import train as T
@@ -141,3 +142,24 @@ def test_a_killed_holders_lock_is_taken_over_with_a_warning(tmp_path):
     assert f"RunLockedError: {tmp_path} is in use by another run (pid {os.getpid()}" \
         in other.stderr
     assert (tmp_path / files.LOCK_FILE).read_text() == ""
+
+
+def test_the_lock_is_reentrant_in_its_thread_and_refuses_other_threads(tmp_path):
+    """A script holds its output folder's lock from its start (cli.lock_early), then train()
+    locks it again in the same thread: held on, released by the outer holder only."""
+    with files.run_lock(tmp_path) as path:
+        with files.run_lock(tmp_path):
+            assert path.read_text() == files.holder_id()
+        assert path.read_text() == files.holder_id()  # the inner exit released nothing
+        assert f"in use by another run ({files.holder_id()})" in refusal_in_another_thread(
+            lambda: files.run_lock(tmp_path))
+    assert path.read_text() == ""
+    assert refusal_in_another_thread(lambda: files.run_lock(tmp_path)) == ""
+
+
+def test_a_folder_that_is_a_file_is_named(tmp_path):
+    (tmp_path / "out").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file, not a folder") as e:
+        with files.run_lock(tmp_path / "out"):
+            pass
+    assert e.value.filename == str(tmp_path / "out")

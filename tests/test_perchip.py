@@ -89,3 +89,19 @@ def test_chip_batch_of_a_model_equals_per_chip_vmap(case, strategy):
     logits = jax.jit(lambda v, c, x: montecarlo.chip_logits(model, v, c, x, mode="layers"))(
         variables, chips, x)
     np.testing.assert_allclose(logits, ref, rtol=2e-4, atol=2e-4)
+
+
+def test_chip_map_is_a_map_that_keeps_its_loop_for_one_chip():
+    """chip_map equals lax.map, and a batch of one chip still compiles to a loop (XLA would
+    inline a loop it knows runs once, and round its body's sums in another order)."""
+    x = _normal((3, 50, 10), 0)
+
+    def fn(a):
+        return {"sum": jnp.sum(jax.nn.log_softmax(a[0], -1)), "row": a[1] * 2}
+
+    want = jax.lax.map(fn, (x, x[:, 0]))
+    got = jax.jit(lambda t: perchip.chip_map(fn, t))((x, x[:, 0]))
+    np.testing.assert_allclose(got["sum"], want["sum"], rtol=1e-6)
+    np.testing.assert_array_equal(got["row"], want["row"])
+    hlo = jax.jit(lambda t: perchip.chip_map(fn, t)).lower((x[:1], x[:1, 0])).compile().as_text()
+    assert "while(" in hlo

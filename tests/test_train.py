@@ -8,9 +8,11 @@ come last and compile at the "fast" XLA level (see conftest.py), so the level sw
 """
 
 import dataclasses
+import gzip
 import json
 import math
 import shutil
+import struct
 
 import jax
 import jax.numpy as jnp
@@ -138,6 +140,48 @@ def test_train_rejects_data_of_another_dataset(mnist):
     with pytest.raises(ValueError, match="train_data is 'mnist' but the config trains on "
                                          "'fashion_mnist'"):
         T.train(cfg, train_data=mnist[0], test_data=mnist[1], progress=False)
+
+
+@pytest.mark.parametrize("split, label", [("train", 37), ("train", -5), ("test", 10)])
+def test_labels_out_of_range_are_refused(mnist, split, label):
+    """A Dataset refuses labels outside [0, num_classes) when made, and train() checks them
+    again (the arrays can change in place after that)."""
+    ds = mnist[split == "test"]
+    labels = ds.labels[:100].copy()
+    labels[7] = label
+    with pytest.raises(ValueError, match=rf"the mnist {split} split has label {label} at index "
+                                         r"7 \(1 out of range\): labels must be in \[0, 10\)"):
+        dataclasses.replace(subset(ds, 100), labels=labels)
+    changed = dataclasses.replace(ds, labels=ds.labels.copy())  # not the shared split's
+    changed.labels[7] = label
+    data = dict(train_data=mnist[0], test_data=mnist[1])
+    data[f"{split}_data"] = changed
+    with pytest.raises(ValueError, match=rf"{split} split has label {label} at index 7"):
+        T.train(run_config("qat"), num_devices=1, progress=False, **data)
+
+
+@pytest.mark.parametrize("split, n, match", [
+    ("train", 0, r"train_data \(the mnist train split\) holds 0 images: pass at least "
+                 r"optim.batch_size=64"),
+    ("train", 10, r"train_data \(the mnist train split\) holds 10 images"),
+    ("test", 0, r"test_data \(the mnist test split\) holds 0 images: pass at least one"),
+])
+def test_too_small_splits_are_refused_before_training(mnist, tmp_path, split, n, match):
+    data = dict(train_data=mnist[0], test_data=mnist[1])
+    data[f"{split}_data"] = subset(mnist[split == "test"], n)
+    with pytest.raises(ValueError, match=match):
+        T.train(run_config("qat"), workdir=tmp_path / "run", num_devices=1, progress=False,
+                **data)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_idx_file_of_no_images_is_refused(tmp_path):
+    for name, magic, dims in (("train-images-idx3-ubyte", 2051, (0, 28, 28)),
+                              ("train-labels-idx1-ubyte", 2049, (0,))):
+        header = struct.pack(f">I{len(dims)}I", magic, *dims)
+        (tmp_path / f"{name}.gz").write_bytes(gzip.compress(header))
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte.gz holds 0 images"):
+        pdata.load_dataset("mnist", "train", data_dir=tmp_path, cache_dir=tmp_path / "cache")
 
 
 # --------------------------------------------------------------------------- learning
@@ -553,3 +597,37 @@ def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
     assert np.array_equal(a, T.epoch_permutation(3, 5, 100))
     assert not np.array_equal(a, T.epoch_permutation(3, 6, 100))
     assert sorted(a) == list(range(100))
+
+
+@pytest.mark.xla_level("fast")
+def test_data_parallel_float_training_matches_one_device(mnist):
+    """A float LeNet-5 with batch norm trained for 8 Adam steps on 1, 2 and 4 devices ends
+    with the same parameters and batch statistics up to float32 rounding: the batch norms see
+    the global batch, not each device's share (a per-device batch norm would move a running
+    mean by the difference of the shares' means, ~10% of the leaf).
+
+    Tolerance: each device count sums the batch reductions (batch-norm moments, loss,
+    weight gradients, n = 32 images x up to 784 positions) in another order, which changes
+    a sum of condition number k by about k * log2(n) * 2^-24 ~ k * 1e-6 relative; with k up
+    to ~1e2 after a batch norm's centering, ~1e-4 per step. Adam divides each gradient by its
+    own magnitude, so the few elements whose gradient is itself near rounding level may move
+    by up to lr per step (one of 48000 did, by 1.7e-3 of its value): leaves are compared by
+    norm, ||a - b|| <= 1e-4 ||a||. (Quantized training, qat/qavat, is not covered: rounding
+    to 2-bit weights and 4-bit activations turns such differences into other steps.)
+    """
+    config = run_config(
+        "fp", quant=QuantConfig(weight_bits=None, act_bits=None), eval=T.EvalConfig(),
+        data=T.DataConfig("mnist", train_images=256, test_images=64),
+        optim=T.OptimConfig(lr=3e-3, epochs=1, batch_size=32))
+    train_ds, test_ds = (dataclasses.replace(ds, images=ds.images[:n], labels=ds.labels[:n])
+                         for ds, n in zip(mnist, (256, 64), strict=True))
+    states = {}
+    for n in (1, 2, 4):
+        res = T.train(config, train_data=train_ds, test_data=test_ds, num_devices=n,
+                      progress=False)
+        states[n] = jax.device_get((res.state.params, res.state.batch_stats))
+    for n in (2, 4):
+        flat = jax.tree_util.tree_flatten_with_path(states[1])[0]
+        for (path, a), b in zip(flat, jax.tree.leaves(states[n]), strict=True):
+            diff = float(np.linalg.norm(np.asarray(b) - a)) / float(np.linalg.norm(a))
+            assert diff <= 1e-4, (n, jax.tree_util.keystr(path), diff)

@@ -25,6 +25,19 @@ class Dataset:
         if self.labels.shape != self.images.shape[:1] or self.labels.dtype != np.int32:
             raise ValueError(f"labels must be int32 [{len(self.images)}], got "
                              f"{self.labels.dtype} {self.labels.shape}")
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) \
+                or self.num_classes < 1:
+            raise ValueError(f"num_classes={self.num_classes!r} must be a positive int")
+        self.check_labels()
+
+    def check_labels(self) -> None:
+        """Raise a one-line ValueError naming the split unless every label is in [0, classes)."""
+        bad = np.flatnonzero((self.labels < 0) | (self.labels >= self.num_classes))
+        if bad.size:  # a label out of range would train silently, or be scored wrong
+            i = int(bad[0])
+            raise ValueError(f"the {self.name} {self.split} split has label {self.labels[i]} at "
+                             f"index {i} ({bad.size} out of range): labels must be in "
+                             f"[0, {self.num_classes}); fix the labels or drop those examples")
 
     def __len__(self) -> int:
         """Number of examples."""

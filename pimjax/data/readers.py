@@ -67,6 +67,9 @@ def read_idx_pair(images_path, labels_path, num_classes: int = 10):
     if len(images) != len(labels):
         raise ValueError(f"{images_path} has {len(images)} images but {labels_path} has "
                          f"{len(labels)} labels")
+    if not len(images):
+        raise ValueError(f"{images_path} holds 0 images: replace it with a file of the split's "
+                         "images")
     check_labels(labels, num_classes, labels_path)
     return images[..., None], labels.astype(np.int32)
 

@@ -5,7 +5,11 @@ from the config) and returns the final state with the per-epoch history, as Flax
 ``train_and_evaluate`` does. Given a ``workdir`` it also writes ``config.json``,
 ``metrics.json``/``metrics.csv`` and orbax checkpoints (``checkpoints/<epoch>`` every epoch,
 ``best/<epoch>`` by test accuracy), holding an exclusive lock on the directory; ``resume``
-continues from the last intact checkpoint.
+continues from the last intact checkpoint. A run is never overwritten unless ``restart`` says
+so: a resume with another config is refused before anything is read or written (the saved
+configs are JSON), a checkpoint of another tree is refused as such (not taken for damage),
+and when every checkpoint is damaged :func:`train` stops with a
+:class:`pimjax.checkpoint.CheckpointError`.
 
 Data parallelism: every batch is split by rows over a ``"batch"`` mesh of every device of
 every process (:func:`pimjax.distributed.make_mesh`); each process reads only its own rows
@@ -27,6 +31,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -39,6 +44,7 @@ from pimjax import checkpoint as ckpt_lib
 from pimjax import data as pdata
 from pimjax import files, montecarlo
 from pimjax.distributed import (
+    agree,
     from_process_rows,
     is_primary,
     make_mesh,
@@ -51,7 +57,7 @@ from pimjax.progress import progress_bar
 from pimjax.train.batches import train_batches
 from pimjax.train.config import TrainConfig
 from pimjax.train.ptq import calibrate, init_from_float
-from pimjax.train.runs import check_resume_config, load_float_source
+from pimjax.train.runs import check_resume_config, check_run_config, load_float_source
 from pimjax.train.state import TrainState, create_train_state
 from pimjax.train.steps import eval_step, train_step
 
@@ -143,22 +149,38 @@ def load_data(config: TrainConfig) -> tuple[pdata.Dataset, pdata.Dataset]:
 
 
 def _check_dataset(config: TrainConfig, ds, what: str) -> None:
+    """A one-line ValueError naming ``what`` unless ``ds`` is a split the config can use."""
     if not isinstance(ds, pdata.Dataset):
         raise ValueError(f"{what} must be a pimjax.data.Dataset, got {type(ds).__name__}")
     if ds.name != config.data.name:
         raise ValueError(f"{what} is {ds.name!r} but the config trains on {config.data.name!r}")
+    if ds.num_classes != config.num_classes:
+        raise ValueError(f"{what} has num_classes={ds.num_classes} but {ds.name} has "
+                         f"{config.num_classes} classes: pass the split pimjax.data.load_dataset "
+                         "returns")
+    ds.check_labels()  # again: the arrays may have changed since the Dataset was made
+    need = config.optim.batch_size if what == "train_data" else 1
+    if len(ds) < need:
+        fix = (f"pass at least optim.batch_size={need} images (one step)"
+               if what == "train_data" else "pass at least one image")
+        raise ValueError(f"{what} (the {ds.name} {ds.split} split) holds {len(ds)} images: {fix}")
 
 
 def train(config: TrainConfig, *, train_data: pdata.Dataset | None = None,
           test_data: pdata.Dataset | None = None, workdir: str | os.PathLike | None = None,
           resume: bool = False, stop_after: int | None = None, num_devices: int | None = None,
-          mesh_devices=None, progress: bool = True, log_every: int = 20) -> TrainResult:
+          mesh_devices=None, progress: bool = True, log_every: int = 20,
+          restart: bool = False) -> TrainResult:
     """Train (or, for ptq, calibrate) a model; return the final state and per-epoch history.
 
     ``train_data``/``test_data``: the splits to use (default: loaded as the config says).
     ``workdir``: where to write the config, metrics and checkpoints (None: nothing written).
-    ``resume`` continues from the last intact checkpoint of ``workdir``; ``stop_after`` ends
-    this call after that many epochs (as if interrupted). A loss that becomes non-finite or
+    ``resume`` continues from the last intact checkpoint of ``workdir`` (refused, with nothing
+    changed, when the run's config differs or every checkpoint is damaged); ``restart``
+    deletes the checkpoints and metrics ``workdir`` holds and trains from the start.
+    ``stop_after`` ends this call after that many epochs (as if interrupted). The data are
+    checked first: labels in [0, num_classes), at least one batch to train on and one test
+    image, or a one-line ValueError naming the split. A loss that becomes non-finite or
     exceeds ``config.max_loss_ratio`` times its first value raises
     :class:`TrainingDivergedError` without saving that epoch.
 
@@ -169,6 +191,10 @@ def train(config: TrainConfig, *, train_data: pdata.Dataset | None = None,
         raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
     if resume and workdir is None:
         raise ValueError("resume needs a workdir to resume from")
+    if restart and workdir is None:
+        raise ValueError("restart needs the workdir to start over in")
+    if resume and restart:
+        raise ValueError("pass resume (continue the run) or restart (discard it), not both")
     if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int)
                                    or stop_after < 1):
         raise ValueError(f"stop_after={stop_after!r} must be a positive integer or None")
@@ -189,8 +215,8 @@ def train(config: TrainConfig, *, train_data: pdata.Dataset | None = None,
             _check_dataset(config, ds, what)
     lock = contextlib.nullcontext() if workdir is None else shared_run_lock(workdir)
     with lock:
-        return _train(config, train_data, test_data, workdir, resume, stop_after, mesh,
-                      float_source, progress and is_primary(mesh), log_every)
+        return _train(config, train_data, test_data, workdir, resume, restart, stop_after,
+                      mesh, float_source, progress and is_primary(mesh), log_every)
 
 
 def _mesh_devices(num_devices, mesh_devices) -> list:
@@ -210,20 +236,38 @@ def _mesh_devices(num_devices, mesh_devices) -> list:
     return [d for devs in by_process.values() for d in devs[:num_devices]]
 
 
-def _train(config, train_ds, test_ds, workdir, resume, stop_after, mesh, float_source, progress,
-           log_every) -> TrainResult:
+def _discard_run(workdir: Path, primary: bool) -> None:
+    """Delete the checkpoints and metrics of the run in ``workdir`` (``restart``)."""
+    if primary:
+        for sub in (ckpt_lib.LAST, ckpt_lib.BEST):
+            shutil.rmtree(workdir / sub, ignore_errors=True)
+        for name in ("metrics.json", "metrics.csv"):
+            (workdir / name).unlink(missing_ok=True)
+    agree(True)  # the other processes wait for the folder to be emptied
+
+
+def _train(config, train_ds, test_ds, workdir, resume, restart, stop_after, mesh, float_source,
+           progress, log_every) -> TrainResult:
     store = None
     primary = is_primary(mesh)
     if workdir is not None:
         workdir = Path(workdir).absolute()
-        store = ckpt_lib.CheckpointStore(workdir)
-        if not resume and store.latest_epoch() is not None:
+        if not resume and not restart and ckpt_lib.run_checkpoints(workdir):
             raise ValueError(f"{workdir} already holds checkpoints: pass resume=True (--resume) "
-                             "to continue, or choose a new output directory")
+                             "to continue, restart=True (--restart) to discard them, or choose "
+                             "a new output directory")
+        if resume:  # before anything is read or written
+            check_run_config(config, workdir)
     if train_ds is None or test_ds is None:
         loaded = load_data(config)
         train_ds = train_ds if train_ds is not None else loaded[0]
         test_ds = test_ds if test_ds is not None else loaded[1]
+        for ds, what in ((train_ds, "train_data"), (test_ds, "test_data")):
+            _check_dataset(config, ds, what)
+    if workdir is not None:
+        if restart:  # only once the data are known to be good
+            _discard_run(workdir, primary)
+        store = ckpt_lib.CheckpointStore(workdir)
     init_key, chip_key, aug_key, eval_key, read_key = run_keys(config.seed)
     sample = pdata.normalize(train_ds.images[:1], config.data.name)
     fresh = create_train_state(config, init_key, sample, len(train_ds))

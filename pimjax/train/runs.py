@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -68,12 +69,39 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_resume_config(config: TrainConfig, saved: dict, workdir) -> None:
-    """Raise ValueError unless ``config`` equals the checkpoint's (but for the data dir)."""
+def check_resume_config(config: TrainConfig, saved: dict, workdir,
+                        source: str = "its checkpoint") -> None:
+    """Raise ValueError unless ``config`` equals the ``saved`` one (but for the data dir)."""
     now, before = _flat(config.to_dict()), _flat(saved)
     diff = sorted(k for k in set(now) | set(before)
                   if k not in _RESUME_FREE and now.get(k) != before.get(k))
     if diff:
         details = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in diff)
-        raise ValueError(f"cannot resume {workdir}: the config differs from the checkpoint's "
-                         f"({details})")
+        raise ValueError(f"cannot resume {workdir}: the config differs from the run's "
+                         f"({details}; as recorded in {source}); nothing was changed: resume "
+                         "with the run's settings (its config.json), choose a new output "
+                         "directory, or pass restart=True (--restart) to discard the run")
+
+
+def check_run_config(config: TrainConfig, workdir: str | os.PathLike) -> None:
+    """Raise ValueError unless ``config`` is the one every config of run ``workdir`` records.
+
+    Reads only JSON (``config.json`` and each checkpoint's metadata; damaged ones are left to
+    the restore), so a resume with another model or optimizer is refused before any array is
+    read and before anything is written.
+    """
+    workdir = Path(workdir).absolute()
+    config_file = workdir / "config.json"
+    if config_file.is_file():
+        try:
+            saved = json.loads(config_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            saved = None
+        if isinstance(saved, dict):
+            check_resume_config(config, saved, workdir, str(config_file))
+    for ckpt in ckpt_lib.run_checkpoints(workdir):
+        try:
+            saved = ckpt_lib.read_meta(ckpt)["config"]
+        except (ckpt_lib.CheckpointError, KeyError, TypeError):
+            continue
+        check_resume_config(config, saved, workdir, str(ckpt))
