@@ -73,7 +73,7 @@ def analog_kernels(variables):
         out = {}
         for name, sub in tune.items():
             if name == "gain":
-                out["kernel"] = params["kernel"]
+                out["kernel"] = _crossbar(params["kernel"], sub.shape[-1])
             elif hasattr(sub, "items"):
                 child = walk(sub, params[name])
                 if child:
@@ -81,6 +81,17 @@ def analog_kernels(variables):
         return out
 
     return walk(variables[TUNE], variables["params"])
+
+
+def _crossbar(kernel, columns: int):
+    """A kernel as its crossbar holds it: a conv's HWIO or a dense ``[K, N]`` as is, a
+    ``DenseGeneral``'s or ``Einsum``'s N-D kernel (:mod:`pimjax.analog`) as ``[rows, columns]``."""
+    if kernel.ndim in (2, 4):
+        return kernel
+    shape = (math.prod(kernel.shape) // columns, columns)
+    if isinstance(kernel, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(shape, kernel.dtype)
+    return kernel.reshape(shape)
 
 
 @functools.lru_cache(maxsize=64)

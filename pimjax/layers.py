@@ -101,8 +101,9 @@ class ActQuant(nn.Module):
         return value
 
 
-class _Analog(nn.Module):
-    """Shared machinery of the analog layers (not used directly)."""
+class Analog(nn.Module):
+    """The analog layers' shared machinery: quantizers, the chip's MVM, the digital tune and
+    bias (subclassed by AnalogDense, AnalogConv and :mod:`pimjax.analog`'s AnalogLinear)."""
 
     features: int
     quant: QuantConfig = QuantConfig()
@@ -178,7 +179,7 @@ def _scale_axes(kernel, per_channel):
     return tuple(range(kernel.ndim - 1)) if per_channel else tuple(range(kernel.ndim))
 
 
-class AnalogDense(_Analog):
+class AnalogDense(Analog):
     """Analog fully connected layer (a crossbar MVM): ``x [..., K] -> [..., features]``."""
 
     @nn.compact
@@ -190,7 +191,7 @@ class AnalogDense(_Analog):
         return self._tune_and_bias(y, train)
 
 
-class AnalogConv(_Analog):
+class AnalogConv(Analog):
     """Analog 2-D convolution, NHWC input and HWIO kernel, computed as crossbar MVMs."""
 
     kernel_size: Sequence[int] = (3, 3)
@@ -218,7 +219,7 @@ class AnalogConv(_Analog):
 
 
 def _is_analog_call(context, method: str) -> bool:
-    return (context.method_name == method and isinstance(context.module, _Analog)
+    return (context.method_name == method and isinstance(context.module, Analog)
             and context.module.analog)
 
 
