@@ -26,7 +26,7 @@ class LayerInfo:
     """One analog layer: its path, width, bias, and the batch norm that reads its output."""
 
     path: tuple[str, ...]
-    features: int
+    features: int  # the MVM's columns: the "tune" gain/offset's channels
     bias: bool
     bn_path: tuple[str, ...] | None
     bn_epsilon: float
@@ -122,10 +122,13 @@ def _trace(model):
     out = []
     for path, y in outputs:
         bn = next(((p, eps) for p, inp, eps in bns if inp is y), (None, 0.0))
-        params = variables["params"]
+        params, tune = variables["params"], variables.get(TUNE, {})
         for name in path:
-            params = params[name]
-        out.append(LayerInfo(path, int(y.shape[-1]), "bias" in params, bn[0], float(bn[1]),
+            params, tune = params[name], tune.get(name, {})
+        # the tuning's channels: the MVM's columns, which a converted DenseGeneral/Einsum
+        # (pimjax.analog) reshapes to several output axes ([heads, head_dim])
+        features = tune["gain"].shape[-1] if "gain" in tune else int(y.shape[-1])
+        out.append(LayerInfo(path, int(features), "bias" in params, bn[0], float(bn[1]),
                              *sizes[path]))
     return tuple(out), intermediates
 

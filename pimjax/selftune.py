@@ -14,7 +14,8 @@ variants (:data:`TUNE_VARIANTS`):
 ``channel``     a gain and an offset per output channel, matching each channel's mean and std
 ``bn``          batch-norm re-estimation: the batch norm reading the layer gets the chip's own
                 calibration mean/var (expressed exactly as a per-channel gain/offset on the MVM
-                output; layers not followed by a batch norm keep g = 1, o = 0)
+                output; layers not followed by a batch norm keep g = 1, o = 0; a model
+                with no batch norm after an analog layer raises a ValueError)
 ``paired``      per-channel least squares against the nominal model's activations on the same
                 images: ``g, o = argmin ||g y_chip + o - y_nominal||^2``
 =============== ============================================================================
@@ -125,6 +126,12 @@ def _moments_axes(y, weight, y_nom, chip_axis: bool):
     ``y_nom [B, ..., F]`` (optional) are the paired nominal activations.
     """
     b_axis = 1 if chip_axis else 0
+    if y.shape[b_axis] != weight.shape[0]:
+        # a converted layer (pimjax.analog) with several batch axes ([B, tokens, K]) computes
+        # a chip batch on [C, B * tokens, K]: restore the image axis the weights mask
+        y = y.reshape((*y.shape[:b_axis], weight.shape[0], -1, y.shape[-1]))
+    if y_nom is not None and y_nom.shape != y.shape[b_axis:]:
+        y_nom = y_nom.reshape(y.shape[b_axis:])
     axes = tuple(range(b_axis, y.ndim - 1))
     w = weight.reshape((weight.shape[0],) + (1,) * (y.ndim - b_axis - 1))
     spatial = math.prod(y.shape[b_axis + 1 : -1])
@@ -372,7 +379,7 @@ def _solve_layer(variant, layer: LayerInfo, m: _Moments, target, batch_stats, pa
     if layer.bn_path is None:
         return jnp.ones_like(mean_c), jnp.zeros_like(mean_c)
     bn = _get(batch_stats, layer.bn_path)
-    bias = _get(params, layer.path)["bias"] if layer.bias else 0.0
+    bias = _get(params, layer.path)["bias"].reshape(-1) if layer.bias else 0.0
     g = jnp.sqrt((bn["var"] + layer.bn_epsilon) / (var_c + layer.bn_epsilon))
     # (z - mean_z) * g + mu_bn = g * mvm + o + bias with mean_z = mean_c + bias
     return g, bn["mean"] - bias - g * mean_c
@@ -504,6 +511,11 @@ _solve_jit = jax.jit(solve_chips, static_argnames=("model", "variant", "batch_si
 def check_tuning_args(model, variant, images, stats, batch_size) -> None:
     """Validate self-tuning arguments before any work (ValueError naming the bad field)."""
     check_variant(variant)
+    if variant == "bn" and all(layer.bn_path is None for layer in analog_layers(model)):
+        user = getattr(model, "model", model)  # a converted model's own module
+        raise ValueError(f"tune='bn' cannot apply to {type(user).__name__}: no batch norm reads "
+                         "an analog layer's output (e.g. LayerNorm only): use 'channel' or "
+                         "'paired'")
     check_images(model, images, "calibration images")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                    or batch_size < 1):
