@@ -311,13 +311,7 @@ def run(args: Args) -> tuple[list[dict], dict] | None:
 def main(argv=None):
     """Run claim 1 from the command line (``argv``: default sys.argv) and print its tables."""
     return cli.run(run, Args, argv, default=common.claim_defaults(Args, claims.claim1),
-                   description=__doc__, interrupted=interrupted)
-
-
-def interrupted(args: Args) -> str:
-    """What a Ctrl-C leaves, and how to continue."""
-    return (f"{args.output.out or 'the output folder'} keeps every finished training and "
-            "evaluation: rerun the same command to continue")
+                   description=__doc__, interrupted=grid.interrupted)
 
 
 if __name__ == "__main__":

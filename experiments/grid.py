@@ -68,7 +68,24 @@ def rows(cells: list[Cell]) -> list[dict]:
         raise ValueError(f"{len(missing)} of {len(evals)} evaluations are not computed yet "
                          f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): run "
                          "the shards that compute them (--shard I/N), then --merge")
-    return [json.loads(c.path.read_text())["row"] for c in evals]
+    return [stored_row(c) for c in evals]
+
+
+def stored_row(cell: Cell) -> dict:
+    """The row a finished evaluation ``cell`` stored."""
+    return json.loads(cell.path.read_text())["row"]
+
+
+def store_row(cell: Cell, row: dict) -> None:
+    """Keep an evaluation ``cell``'s ``row`` with its spec (atomically), finishing the cell."""
+    files.write_json(cell.path, {"spec": cell.spec, "row": row})
+
+
+def interrupted(args) -> str:
+    """What a Ctrl-C leaves of a claim script's grid (``args.output.out``), and how to
+    continue."""
+    return (f"{args.output.out or 'the output folder'} keeps every finished training and "
+            "evaluation: rerun the same command to continue")
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -128,7 +145,7 @@ def run(cells: list[Cell], out: Path, merge: Callable[[list[dict]], object], *,
                       flush=True)
             row = cell.compute()
             if cell.spec is not None and primary:
-                files.write_json(cell.path, {"spec": cell.spec, "row": row})
+                store_row(cell, row)
         if not primary:
             return None
         missing = [c for c in cells if c.spec is not None and not finished(c)]

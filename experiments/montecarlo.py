@@ -305,11 +305,11 @@ def run(args: Args) -> list[dict]:
         for i, cell in enumerate(cells):
             if done[i]:
                 if primary:
-                    print(_line(json.loads(cell.path.read_text())["row"], "reused"), flush=True)
+                    print(_line(grid.stored_row(cell), "reused"), flush=True)
                 continue
             row = cell.compute()
             if primary:  # kept at once: a stopped sweep loses at most the running evaluation
-                files.write_json(cell.path, {"spec": cell.spec, "row": row})
+                grid.store_row(cell, row)
                 done[i] = True
                 write_manifest(out, cells, done)
             say(_line(row, f"{row['seconds']:.1f}s"), flush=True)

@@ -137,6 +137,12 @@ def _features(module) -> tuple[int, ...]:
     return (f,) if isinstance(f, int) else tuple(f)
 
 
+def _kernel_size(module) -> tuple[int, ...]:
+    """An ``nn.Conv``'s kernel size as a tuple (Flax takes an int for 1-D)."""
+    size = module.kernel_size
+    return (size,) if isinstance(size, int) else tuple(size)
+
+
 def _einsum_axes(equation: str | None, path: str) -> int:
     """How many kernel axes an ``nn.Einsum`` contracts, if its equation is a crossbar product
     ``[..., *batch, *c] x [*c, *f] -> [..., *batch, *f]`` (ValueError otherwise)."""
@@ -201,8 +207,7 @@ def _check_convertible(module, path: str, ndim: int, equation: str | None = None
             raise ValueError(f"{path}: {kind} with a 4-D kernel cannot be converted: contract "
                              "or produce fewer axes")
         return
-    size = (module.kernel_size,) if isinstance(module.kernel_size, int) else module.kernel_size
-    if len(tuple(size)) != 2:
+    if len(_kernel_size(module)) != 2:
         raise ValueError(f"{path}: nn.Conv with kernel_size={module.kernel_size} is not 2-D: "
                          "only 2-D convs have an analog form")
     for what in ("input_dilation", "kernel_dilation"):
@@ -286,8 +291,7 @@ def analog_layer(module, rule: Rule, quant: QuantConfig, ndim: int,
         return AnalogLinear(math.prod(out), out_shape=out,
                             contracted=_dense_axes(module, ndim, path), rank=ndim,
                             bias_init=module.bias_init, has_bias=module.use_bias, **common)
-    size = (module.kernel_size,) if isinstance(module.kernel_size, int) else module.kernel_size
-    return AnalogConv(module.features, kernel_size=tuple(size),
+    return AnalogConv(module.features, kernel_size=_kernel_size(module),
                       strides=_pairs(module.strides or 1, 2, "strides", path),
                       padding=_conv_padding(module.padding, path), use_bias=module.use_bias,
                       **common)
